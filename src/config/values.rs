@@ -1,0 +1,195 @@
+//! Pure parsers for directive values that nginx has no stock setter for.
+//!
+//! The FFI setters in `crate::nginx::conf` call these and turn an `Err` into an `[emerg]`
+//! naming the directive, the value and file:line.
+
+use core::fmt;
+use core::time::Duration;
+
+/// `push_stream_subscriber [mode]`; push-stream's default is `streaming`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SubscriberMode {
+    #[default]
+    Streaming,
+    Polling,
+    LongPolling,
+    EventSource,
+    WebSocket,
+}
+
+impl SubscriberMode {
+    pub const ACCEPTED: &'static str = "streaming, polling, long-polling, eventsource, websocket";
+
+    pub fn parse(v: &[u8]) -> Option<Self> {
+        Some(match v {
+            b"streaming" => Self::Streaming,
+            b"polling" => Self::Polling,
+            b"long-polling" => Self::LongPolling,
+            b"eventsource" => Self::EventSource,
+            b"websocket" => Self::WebSocket,
+            _ => return None,
+        })
+    }
+}
+
+/// `push_stream_publisher [mode]`; `admin` also allows DELETE.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PublisherMode {
+    #[default]
+    Normal,
+    Admin,
+}
+
+impl PublisherMode {
+    pub const ACCEPTED: &'static str = "normal, admin";
+
+    pub fn parse(v: &[u8]) -> Option<Self> {
+        match v {
+            b"normal" => Some(Self::Normal),
+            b"admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// PostgreSQL truncates identifiers to NAMEDATALEN - 1 bytes.
+pub const PG_MAX_IDENTIFIER: usize = 63;
+
+/// Why a directive value was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ValueError {
+    #[error("it must be at most {max} bytes, as PostgreSQL channel names are")]
+    TooLong { max: usize },
+    #[error("it must not contain NUL bytes")]
+    Nul,
+    #[error("the minimum must not exceed the maximum")]
+    MinAboveMax,
+    #[error("it must be greater than zero")]
+    Zero,
+    #[error("it must be \"regex,header size,message size\" entries separated by \":\"")]
+    Padding,
+}
+
+/// `push_stream_postgres_channel_prefix`: the PostgreSQL channel is prefix + channel id, so
+/// the prefix alone must leave room for at least one byte of id.
+pub fn channel_prefix(v: &[u8]) -> Result<(), ValueError> {
+    if v.contains(&0) {
+        return Err(ValueError::Nul);
+    }
+    if v.len() >= PG_MAX_IDENTIFIER {
+        return Err(ValueError::TooLong { max: PG_MAX_IDENTIFIER - 1 });
+    }
+    Ok(())
+}
+
+/// `push_stream_postgres_reconnect <min> <max>`: the bounds of the exponential backoff.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reconnect {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Self { min: Duration::from_millis(100), max: Duration::from_secs(10) }
+    }
+}
+
+impl Reconnect {
+    pub fn new(min: Duration, max: Duration) -> Result<Self, ValueError> {
+        if min.is_zero() || max.is_zero() {
+            return Err(ValueError::Zero);
+        }
+        if min > max {
+            return Err(ValueError::MinAboveMax);
+        }
+        Ok(Self { min, max })
+    }
+}
+
+/// One entry of `push_stream_padding_by_user_agent`, e.g. `[Ii][Ee],366,0`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Padding {
+    pub user_agent: String,
+    pub header_size: usize,
+    pub message_size: usize,
+}
+
+pub fn padding_by_user_agent(v: &str) -> Result<Vec<Padding>, ValueError> {
+    v.split(':')
+        .map(|entry| {
+            let mut it = entry.rsplitn(3, ',');
+            let message = it.next().ok_or(ValueError::Padding)?;
+            let header = it.next().ok_or(ValueError::Padding)?;
+            let ua = it.next().filter(|s| !s.is_empty()).ok_or(ValueError::Padding)?;
+            Ok(Padding {
+                user_agent: ua.to_string(),
+                header_size: header.trim().parse().map_err(|_| ValueError::Padding)?,
+                message_size: message.trim().parse().map_err(|_| ValueError::Padding)?,
+            })
+        })
+        .collect()
+}
+
+/// Renders bytes of a directive value for a log line.
+pub struct Shown<'a>(pub &'a [u8]);
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&String::from_utf8_lossy(self.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes() {
+        assert_eq!(SubscriberMode::parse(b"websocket"), Some(SubscriberMode::WebSocket));
+        assert_eq!(SubscriberMode::parse(b"long-polling"), Some(SubscriberMode::LongPolling));
+        assert_eq!(SubscriberMode::parse(b"eventsource"), Some(SubscriberMode::EventSource));
+        assert_eq!(SubscriberMode::parse(b"polling"), Some(SubscriberMode::Polling));
+        assert_eq!(SubscriberMode::parse(b"streaming"), Some(SubscriberMode::Streaming));
+        assert_eq!(SubscriberMode::parse(b"WebSocket"), None);
+        assert_eq!(SubscriberMode::parse(b"longpolling"), None);
+        assert_eq!(SubscriberMode::default(), SubscriberMode::Streaming);
+        assert_eq!(PublisherMode::parse(b"admin"), Some(PublisherMode::Admin));
+        assert_eq!(PublisherMode::parse(b"normal"), Some(PublisherMode::Normal));
+        assert_eq!(PublisherMode::parse(b""), None);
+    }
+
+    #[test]
+    fn prefix() {
+        assert!(channel_prefix(b"").is_ok());
+        assert!(channel_prefix(b"app_").is_ok());
+        assert!(channel_prefix(&[b'a'; 62]).is_ok());
+        assert_eq!(channel_prefix(&[b'a'; 63]), Err(ValueError::TooLong { max: 62 }));
+        assert_eq!(channel_prefix(b"a\0b"), Err(ValueError::Nul));
+    }
+
+    #[test]
+    fn reconnect() {
+        let ms = Duration::from_millis;
+        assert_eq!(Reconnect::new(ms(100), ms(10_000)).unwrap(), Reconnect::default());
+        assert_eq!(Reconnect::new(ms(5), ms(5)).unwrap().max, ms(5));
+        assert_eq!(Reconnect::new(ms(6), ms(5)), Err(ValueError::MinAboveMax));
+        assert_eq!(Reconnect::new(ms(0), ms(5)), Err(ValueError::Zero));
+    }
+
+    #[test]
+    fn padding() {
+        let p = padding_by_user_agent("[Ii][Ee],366,0:Android 2,4097,4097").unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].user_agent, "[Ii][Ee]");
+        assert_eq!((p[0].header_size, p[0].message_size), (366, 0));
+        assert_eq!(p[1].user_agent, "Android 2");
+        // a regex may itself contain commas
+        let p = padding_by_user_agent("a{1,2},1,2").unwrap();
+        assert_eq!(p[0].user_agent, "a{1,2}");
+        assert_eq!(padding_by_user_agent("ie,1"), Err(ValueError::Padding));
+        assert_eq!(padding_by_user_agent(",1,2"), Err(ValueError::Padding));
+        assert_eq!(padding_by_user_agent("ie,x,2"), Err(ValueError::Padding));
+        assert_eq!(padding_by_user_agent("ie,1,2:"), Err(ValueError::Padding));
+    }
+}

@@ -1,0 +1,130 @@
+//! Everything that touches nginx: the module declaration, directives and lifecycle.
+//!
+//! `extern "C"` callbacks stay short: they cast, call safe Rust that returns a `Result`, and
+//! convert to an nginx status once.
+
+pub mod conf;
+
+use core::ffi::{c_char, c_void};
+use core::ptr;
+
+use nginx_sys::{
+    ngx_conf_t, ngx_core_conf_t, ngx_cycle_t, ngx_http_module_t, ngx_int_t, ngx_module_t,
+    ngx_uint_t, NGX_HTTP_MODULE, NGX_LOG_EMERG,
+};
+use ngx::core::{Status, NGX_CONF_ERROR, NGX_CONF_OK};
+use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf};
+
+use self::conf::{LocConf, MainConf, NGX_HTTP_PGPUSH_COMMANDS};
+
+#[derive(Debug)]
+pub struct HttpPgPushModule;
+
+static NGX_HTTP_PGPUSH_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
+    preconfiguration: None,
+    postconfiguration: None,
+    create_main_conf: Some(HttpPgPushModule::create_main_conf),
+    init_main_conf: Some(HttpPgPushModule::init_main_conf),
+    create_srv_conf: None,
+    merge_srv_conf: None,
+    create_loc_conf: Some(HttpPgPushModule::create_loc_conf),
+    merge_loc_conf: Some(HttpPgPushModule::merge_loc_conf),
+};
+
+#[cfg(feature = "export-modules")]
+ngx::ngx_modules!(ngx_http_pgpush_module);
+
+#[used]
+#[allow(non_upper_case_globals)]
+#[cfg_attr(not(feature = "export-modules"), no_mangle)]
+pub static mut ngx_http_pgpush_module: ngx_module_t = ngx_module_t {
+    ctx: ptr::addr_of!(NGX_HTTP_PGPUSH_MODULE_CTX).cast_mut().cast(),
+    // SAFETY: nginx reads the command table during configuration only
+    commands: unsafe { ptr::addr_of_mut!(NGX_HTTP_PGPUSH_COMMANDS[0]) },
+    type_: NGX_HTTP_MODULE as ngx_uint_t,
+    init_master: None,
+    init_module: Some(init_module),
+    init_process: None,
+    init_thread: None,
+    exit_thread: None,
+    exit_process: None,
+    exit_master: None,
+    ..ngx_module_t::default()
+};
+
+unsafe impl HttpModuleMainConf for HttpPgPushModule {
+    type MainConf = MainConf;
+}
+
+unsafe impl HttpModuleLocationConf for HttpPgPushModule {
+    type LocationConf = LocConf;
+}
+
+impl HttpModule for HttpPgPushModule {
+    fn module() -> &'static ngx_module_t {
+        // SAFETY: the module is a static that nginx only writes during init
+        unsafe { &*ptr::addr_of!(ngx_http_pgpush_module) }
+    }
+
+    unsafe extern "C" fn init_main_conf(_cf: *mut ngx_conf_t, conf: *mut c_void) -> *mut c_char {
+        // SAFETY: conf is the MainConf created by create_main_conf
+        let mcf = unsafe { &mut *conf.cast::<MainConf>() };
+        mcf.init();
+        NGX_CONF_OK
+    }
+
+    unsafe extern "C" fn merge_loc_conf(
+        cf: *mut ngx_conf_t,
+        prev: *mut c_void,
+        conf: *mut c_void,
+    ) -> *mut c_char {
+        use ngx::http::Merge;
+        // SAFETY: both are LocConf created by create_loc_conf; cf is valid during merge
+        let (cf, prev, conf) =
+            unsafe { (&mut *cf, &*prev.cast::<LocConf>(), &mut *conf.cast::<LocConf>()) };
+        if conf.merge(prev).is_err() || conf.check(cf).is_err() {
+            return NGX_CONF_ERROR;
+        }
+        NGX_CONF_OK
+    }
+}
+
+/// Runs in the master after the whole configuration is read (also for `nginx -t`), when
+/// `worker_processes` is known wherever it was written.
+extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+    // SAFETY: nginx passes the new cycle
+    let cycle = unsafe { &mut *cycle };
+    match check_workers(cycle) {
+        Ok(()) => Status::NGX_OK.into(),
+        Err(()) => Status::NGX_ERROR.into(),
+    }
+}
+
+/// Without PostgreSQL every worker is an island: a message published in one worker would
+/// never reach subscribers held by another. Refuse that instead of losing messages.
+fn check_workers(cycle: &mut ngx_cycle_t) -> Result<(), ()> {
+    let Some(mcf) = HttpPgPushModule::main_conf(cycle) else {
+        return Ok(());
+    };
+    if !mcf.has_push_locations || mcf.postgres.is_some() {
+        return Ok(());
+    }
+    // SAFETY: the core module's conf is always present in a cycle's conf_ctx
+    let ccf = unsafe {
+        let ctx = cycle.conf_ctx;
+        &*(*ctx.add(nginx_sys::ngx_core_module.index)).cast::<ngx_core_conf_t>()
+    };
+    if ccf.master != 0 && ccf.worker_processes > 1 {
+        ngx::ngx_log_error!(
+            NGX_LOG_EMERG,
+            cycle.log,
+            "\"worker_processes {}\" needs \"push_stream_postgres\": pgpush workers exchange \
+             messages only through PostgreSQL, so without it a message published in one worker \
+             would never reach subscribers of another; set \"push_stream_postgres\" or use \
+             \"worker_processes 1\"",
+            ccf.worker_processes
+        );
+        return Err(());
+    }
+    Ok(())
+}
