@@ -16,10 +16,8 @@ fn main() {
         println!("cargo::rustc-check-cfg=cfg({name})");
     }
     println!("cargo::rerun-if-env-changed=DEP_NGINX_VERSION_NUMBER");
-    let version = env::var("DEP_NGINX_VERSION_NUMBER")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
+    let version =
+        env::var("DEP_NGINX_VERSION_NUMBER").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     for (name, min) in GATES {
         if version >= *min {
             println!("cargo::rustc-cfg={name}");

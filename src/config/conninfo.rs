@@ -65,8 +65,13 @@ pub fn parse(s: &str) -> Result<ConnInfo, ConnInfoError> {
     }
 
     let mut config = tokio_postgres::Config::from_str(s).map_err(|e| {
-        // tokio-postgres names options, never their values; still, strip any echo.
-        ConnInfoError::Syntax(mask_password(&e.to_string()))
+        // The cause says which option is wrong; tokio-postgres names options, never their
+        // values, but strip any echo of the string all the same.
+        let msg = match std::error::Error::source(&e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        };
+        ConnInfoError::Syntax(mask_password(&msg))
     })?;
 
     if config.get_user().is_none() {
@@ -260,7 +265,10 @@ mod tests {
         assert_eq!(parse("host=x dbname=y").unwrap_err(), ConnInfoError::MissingUser);
         assert_eq!(parse("user=a sslmode=require").unwrap_err(), ConnInfoError::TlsUnsupported);
         assert!(matches!(parse("user=a port=notaport"), Err(ConnInfoError::Syntax(_))));
-        assert!(matches!(parse("user=a bogus=1"), Err(ConnInfoError::Syntax(_))));
+        assert_eq!(
+            parse("user=a bogus=1").unwrap_err().to_string(),
+            "invalid connection string: unknown option `bogus`"
+        );
         assert!(matches!(parse("user=a host='unterminated"), Err(ConnInfoError::Syntax(_))));
         assert!(matches!(parse("postgres://a:b@h:xx/db"), Err(ConnInfoError::Syntax(_))));
     }

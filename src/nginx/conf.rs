@@ -12,10 +12,9 @@ use std::collections::BTreeSet;
 
 use nginx_sys::{
     ngx_command_t, ngx_conf_t, ngx_flag_t, ngx_http_complex_value_t, ngx_int_t, ngx_msec_t,
-    ngx_str_t, ngx_uint_t, time_t, NGX_CONF_FLAG, NGX_CONF_NOARGS,
-    NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_CONF_TAKE2, NGX_CONF_UNSET, NGX_HTTP_LIF_CONF,
-    NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET,
-    NGX_HTTP_SRV_CONF, NGX_LOG_EMERG, NGX_LOG_WARN,
+    ngx_str_t, ngx_uint_t, time_t, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE12,
+    NGX_CONF_TAKE2, NGX_CONF_UNSET, NGX_HTTP_LIF_CONF, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET,
+    NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG, NGX_LOG_WARN,
 };
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::http::{HttpModuleMainConf, Merge, MergeConfigError};
@@ -212,10 +211,30 @@ impl Merge for LocConf {
         merge_str(&mut self.header_template, prev.header_template, "");
         merge_str(&mut self.message_template, prev.message_template, "~text~");
         merge_str(&mut self.footer_template, prev.footer_template, "");
-        merge(&mut self.wildcard_channel_max_qtd, prev.wildcard_channel_max_qtd, NGX_CONF_UNSET_UINT, NGX_CONF_UNSET_UINT);
-        merge(&mut self.ping_message_interval, prev.ping_message_interval, NGX_CONF_UNSET_MSEC, NGX_CONF_UNSET_MSEC);
-        merge(&mut self.subscriber_connection_ttl, prev.subscriber_connection_ttl, NGX_CONF_UNSET_MSEC, NGX_CONF_UNSET_MSEC);
-        merge(&mut self.longpolling_connection_ttl, prev.longpolling_connection_ttl, NGX_CONF_UNSET_MSEC, NGX_CONF_UNSET_MSEC);
+        merge(
+            &mut self.wildcard_channel_max_qtd,
+            prev.wildcard_channel_max_qtd,
+            NGX_CONF_UNSET_UINT,
+            NGX_CONF_UNSET_UINT,
+        );
+        merge(
+            &mut self.ping_message_interval,
+            prev.ping_message_interval,
+            NGX_CONF_UNSET_MSEC,
+            NGX_CONF_UNSET_MSEC,
+        );
+        merge(
+            &mut self.subscriber_connection_ttl,
+            prev.subscriber_connection_ttl,
+            NGX_CONF_UNSET_MSEC,
+            NGX_CONF_UNSET_MSEC,
+        );
+        merge(
+            &mut self.longpolling_connection_ttl,
+            prev.longpolling_connection_ttl,
+            NGX_CONF_UNSET_MSEC,
+            NGX_CONF_UNSET_MSEC,
+        );
         merge(&mut self.websocket_allow_publish, prev.websocket_allow_publish, -1, 0);
         merge_ptr(&mut self.last_received_message_time, prev.last_received_message_time);
         merge_ptr(&mut self.last_received_message_tag, prev.last_received_message_tag);
@@ -279,7 +298,7 @@ fn static_str(s: &'static str) -> ngx_str_t {
 
 impl LocConf {
     /// Checks that need the merged location, reported at the directive that needs them.
-    pub fn check(&self, cf: &mut ngx_conf_t) -> Result<(), ()> {
+    pub fn check(&self, cf: &mut ngx_conf_t) -> Result<(), ConfError> {
         if let Some((name, pos)) = &self.role_position {
             if self.channels_path.is_null() && !self.channels_statistics {
                 emerg_at(
@@ -287,7 +306,7 @@ impl LocConf {
                     pos,
                     format_args!("\"push_stream_channels_path\" must be set for \"{name}\""),
                 );
-                return Err(());
+                return Err(ConfError::Logged);
             }
         }
         Ok(())
@@ -435,32 +454,26 @@ const STR_NONEMPTY: Kind = Kind::Str { nonempty: true };
 
 /// Every directive pgpush accepts: push-stream 0.6.0's, the fork's `*_request` hooks, and
 /// our `push_stream_postgres*`. README.md's directive reference must list each one (t/00).
+#[rustfmt::skip]
 pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 46] = [
     /* locations and their role */
-    loc!("push_stream_channels_statistics", NGX_CONF_NOARGS, channels_statistics,
-         Custom(set_channels_statistics), NOT_YET),
+    loc!("push_stream_channels_statistics", NGX_CONF_NOARGS, channels_statistics, Custom(set_channels_statistics), NOT_YET),
     loc!("push_stream_publisher", NGX_CONF_NOARGS | T1, publisher, Custom(set_publisher), NOT_YET),
-    loc!("push_stream_subscriber", NGX_CONF_NOARGS | T1, subscriber, Custom(set_subscriber),
-         NOT_YET),
+    loc!("push_stream_subscriber", NGX_CONF_NOARGS | T1, subscriber, Custom(set_subscriber), NOT_YET),
     any_if!("push_stream_channels_path", T1, channels_path, Complex, NOT_YET),
 
     /* http-level settings */
-    main!("push_stream_shared_memory_size", NGX_CONF_TAKE12, shared_memory_size,
-          Custom(set_shared_memory_size), NOT_YET),
-    main!("push_stream_channel_deleted_message_text", T1, channel_deleted_message_text, STR,
-          NOT_YET),
+    main!("push_stream_shared_memory_size", NGX_CONF_TAKE12, shared_memory_size, Custom(set_shared_memory_size), NOT_YET),
+    main!("push_stream_channel_deleted_message_text", T1, channel_deleted_message_text, STR, NOT_YET),
     main!("push_stream_channel_inactivity_time", T1, channel_inactivity_time, SEC, NOT_YET),
     main!("push_stream_ping_message_text", T1, ping_message_text, STR, NOT_YET),
-    main!("push_stream_timeout_with_body", T1 | NGX_CONF_FLAG, timeout_with_body, Flag, NOT_YET),
+    main!("push_stream_timeout_with_body", T1, timeout_with_body, Flag, NOT_YET),
     main!("push_stream_message_ttl", T1, message_ttl, SEC_POS, NOT_YET),
-    main!("push_stream_max_subscribers_per_channel", T1, max_subscribers_per_channel, NUM_POS,
-          NOT_YET),
-    main!("push_stream_max_messages_stored_per_channel", T1, max_messages_stored_per_channel,
-          NUM_POS, NOT_YET),
+    main!("push_stream_max_subscribers_per_channel", T1, max_subscribers_per_channel, NUM_POS, NOT_YET),
+    main!("push_stream_max_messages_stored_per_channel", T1, max_messages_stored_per_channel, NUM_POS, NOT_YET),
     main!("push_stream_max_channel_id_length", T1, max_channel_id_length, NUM_POS, NOT_YET),
     main!("push_stream_max_number_of_channels", T1, max_number_of_channels, NUM_POS, NOT_YET),
-    main!("push_stream_max_number_of_wildcard_channels", T1, max_number_of_wildcard_channels,
-          NUM_POS, NOT_YET),
+    main!("push_stream_max_number_of_wildcard_channels", T1, max_number_of_wildcard_channels, NUM_POS, NOT_YET),
     main!("push_stream_wildcard_channel_prefix", T1, wildcard_channel_prefix, STR, NOT_YET),
     main!("push_stream_events_channel_id", T1, events_channel_id, STR, NOT_YET),
 
@@ -468,49 +481,35 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 46] = [
     any_if!("push_stream_store_messages", T1, store_messages, Flag, NOT_YET),
     any!("push_stream_channel_info_on_publish", T1, channel_info_on_publish, Flag, NOT_YET),
     any!("push_stream_authorized_channels_only", T1, authorized_channels_only, Flag, NOT_YET),
-    any!("push_stream_header_template_file", T1, header_template,
-         Custom(set_header_template_file), NOT_YET),
-    any!("push_stream_header_template", T1, header_template, Custom(set_header_template),
-         NOT_YET),
+    any!("push_stream_header_template_file", T1, header_template, Custom(set_header_template_file), NOT_YET),
+    any!("push_stream_header_template", T1, header_template, Custom(set_header_template), NOT_YET),
     any!("push_stream_message_template", T1, message_template, STR_NONEMPTY, NOT_YET),
     any!("push_stream_footer_template", T1, footer_template, STR, NOT_YET),
     any!("push_stream_wildcard_channel_max_qtd", T1, wildcard_channel_max_qtd, NUM_POS, NOT_YET),
     any!("push_stream_ping_message_interval", T1, ping_message_interval, MSEC_POS, NOT_YET),
-    any!("push_stream_subscriber_connection_ttl", T1, subscriber_connection_ttl, MSEC_POS,
-         NOT_YET),
-    any!("push_stream_longpolling_connection_ttl", T1, longpolling_connection_ttl, MSEC_POS,
-         NOT_YET),
+    any!("push_stream_subscriber_connection_ttl", T1, subscriber_connection_ttl, MSEC_POS, NOT_YET),
+    any!("push_stream_longpolling_connection_ttl", T1, longpolling_connection_ttl, MSEC_POS, NOT_YET),
     any!("push_stream_websocket_allow_publish", T1, websocket_allow_publish, Flag, NOT_YET),
-    any_if!("push_stream_last_received_message_time", T1, last_received_message_time, Complex,
-            NOT_YET),
-    any_if!("push_stream_last_received_message_tag", T1, last_received_message_tag, Complex,
-            NOT_YET),
+    any_if!("push_stream_last_received_message_time", T1, last_received_message_time, Complex, NOT_YET),
+    any_if!("push_stream_last_received_message_tag", T1, last_received_message_tag, Complex, NOT_YET),
     any_if!("push_stream_last_event_id", T1, last_event_id, Complex, NOT_YET),
     any!("push_stream_user_agent", T1, user_agent, Complex, NOT_YET),
-    any!("push_stream_padding_by_user_agent", T1, padding_by_user_agent,
-         Custom(set_padding_by_user_agent), NOT_YET),
+    any!("push_stream_padding_by_user_agent", T1, padding_by_user_agent, Custom(set_padding_by_user_agent), NOT_YET),
     any!("push_stream_allowed_origins", T1, allowed_origins, Complex, NOT_YET),
-    any_if!("push_stream_allow_connections_to_events_channel", T1,
-            allow_connections_to_events_channel, Flag, NOT_YET),
+    any_if!("push_stream_allow_connections_to_events_channel", T1, allow_connections_to_events_channel, Flag, NOT_YET),
 
     /* the fork's hooks: a subrequest to this URI on each event */
-    any!("push_stream_client_subscribed_request", T1, client_subscribed_request, Complex,
-         NOT_YET),
-    any!("push_stream_client_unsubscribed_request", T1, client_unsubscribed_request, Complex,
-         NOT_YET),
+    any!("push_stream_client_subscribed_request", T1, client_subscribed_request, Complex, NOT_YET),
+    any!("push_stream_client_unsubscribed_request", T1, client_unsubscribed_request, Complex, NOT_YET),
     any!("push_stream_client_publish_request", T1, client_publish_request, Complex, NOT_YET),
 
     /* PostgreSQL */
     main!("push_stream_postgres", T1, postgres, Custom(set_postgres), NOT_YET),
-    main!("push_stream_postgres_channel_prefix", T1, postgres_channel_prefix,
-          Custom(set_postgres_channel_prefix), NOT_YET),
-    main!("push_stream_postgres_reconnect", NGX_CONF_TAKE2, postgres_reconnect,
-          Custom(set_postgres_reconnect), NOT_YET),
+    main!("push_stream_postgres_channel_prefix", T1, postgres_channel_prefix, Custom(set_postgres_channel_prefix), NOT_YET),
+    main!("push_stream_postgres_reconnect", NGX_CONF_TAKE2, postgres_reconnect, Custom(set_postgres_reconnect), NOT_YET),
     any!("push_stream_postgres_on_subscribe", T1, postgres_on_subscribe, STR_NONEMPTY, NOT_YET),
-    any!("push_stream_postgres_on_unsubscribe", T1, postgres_on_unsubscribe, STR_NONEMPTY,
-         NOT_YET),
+    any!("push_stream_postgres_on_unsubscribe", T1, postgres_on_unsubscribe, STR_NONEMPTY, NOT_YET),
     any!("push_stream_postgres_on_publish", T1, postgres_on_publish, STR_NONEMPTY, NOT_YET),
-
     ngx_command_t::empty(),
 ];
 
@@ -580,20 +579,23 @@ fn set_value(
     conf: *mut c_void,
 ) -> Result<(), ConfError> {
     let value = args(cf).get(1).map(|s| s.as_bytes().to_vec()).unwrap_or_default();
-    let stock: unsafe extern "C" fn(*mut ngx_conf_t, *mut ngx_command_t, *mut c_void) -> *mut c_char =
-        match spec.kind {
-            Kind::Flag => nginx_sys::ngx_conf_set_flag_slot,
-            Kind::Num { .. } => nginx_sys::ngx_conf_set_num_slot,
-            Kind::Msec { .. } => nginx_sys::ngx_conf_set_msec_slot,
-            Kind::Sec { .. } => nginx_sys::ngx_conf_set_sec_slot,
-            Kind::Str { .. } => nginx_sys::ngx_conf_set_str_slot,
-            Kind::Complex => nginx_sys::ngx_http_set_complex_value_slot,
-            Kind::Custom(f) => {
-                // SAFETY: offset was computed with offset_of! on this conf's type
-                let field = unsafe { conf.cast::<u8>().add(cmd.offset) }.cast();
-                return f(cf, field);
-            }
-        };
+    let stock: unsafe extern "C" fn(
+        *mut ngx_conf_t,
+        *mut ngx_command_t,
+        *mut c_void,
+    ) -> *mut c_char = match spec.kind {
+        Kind::Flag => nginx_sys::ngx_conf_set_flag_slot,
+        Kind::Num { .. } => nginx_sys::ngx_conf_set_num_slot,
+        Kind::Msec { .. } => nginx_sys::ngx_conf_set_msec_slot,
+        Kind::Sec { .. } => nginx_sys::ngx_conf_set_sec_slot,
+        Kind::Str { .. } => nginx_sys::ngx_conf_set_str_slot,
+        Kind::Complex => nginx_sys::ngx_http_set_complex_value_slot,
+        Kind::Custom(f) => {
+            // SAFETY: offset was computed with offset_of! on this conf's type
+            let field = unsafe { conf.cast::<u8>().add(cmd.offset) }.cast();
+            return f(cf, field);
+        }
+    };
 
     // The stock slots read `post` as an ngx_conf_post_t: hand them a copy without ours.
     let mut plain = ngx_command_t { post: ptr::null_mut(), ..*cmd };
@@ -631,7 +633,9 @@ fn set_value(
 fn expected(kind: &Kind) -> &'static str {
     match kind {
         Kind::Num { .. } => "it must be a number",
-        Kind::Msec { .. } | Kind::Sec { .. } => "it must be a time, e.g. \"500ms\", \"30s\", \"1m\"",
+        Kind::Msec { .. } | Kind::Sec { .. } => {
+            "it must be a time, e.g. \"500ms\", \"30s\", \"1m\""
+        }
         Kind::Flag => "it must be \"on\" or \"off\"",
         _ => "it cannot be parsed",
     }
@@ -797,7 +801,8 @@ fn set_padding_by_user_agent(cf: &mut ngx_conf_t, field: *mut c_void) -> Result<
     let v = args(cf)[1];
     let s = core::str::from_utf8(v.as_bytes())
         .map_err(|_| ConfError::invalid(v.as_bytes(), "it must be UTF-8"))?;
-    *slot = Some(values::padding_by_user_agent(s).map_err(|e| ConfError::invalid(v.as_bytes(), e))?);
+    *slot =
+        Some(values::padding_by_user_agent(s).map_err(|e| ConfError::invalid(v.as_bytes(), e))?);
     Ok(())
 }
 
@@ -843,9 +848,10 @@ fn set_postgres_reconnect(cf: &mut ngx_conf_t, field: *mut c_void) -> Result<(),
         // SAFETY: ngx_parse_time only reads the string
         let n: ngx_int_t = unsafe { nginx_sys::ngx_parse_time(&mut v, 0) };
         if n < 0 {
-            return Err(ConfError::invalid(a[i + 1].as_bytes(), expected(&Kind::Msec {
-                positive: true,
-            })));
+            return Err(ConfError::invalid(
+                a[i + 1].as_bytes(),
+                expected(&Kind::Msec { positive: true }),
+            ));
         }
         *d = core::time::Duration::from_millis(n as u64);
     }

@@ -1,0 +1,278 @@
+#!/usr/bin/perl
+
+# The foundation: the module loads into nginx (one and two workers, and across a reload),
+# every example configuration in nginx-conf/ passes `nginx -t`, and bad configurations fail
+# `nginx -t` with the exact [emerg] text, file and line a user would need. It also keeps
+# README.md's directive reference in step with the directive table.
+
+use warnings;
+use strict;
+
+use Test::More;
+
+BEGIN { use FindBin; chdir($FindBin::Bin); }
+
+BEGIN { push @INC, "$FindBin::Bin/lib"; }
+use Test::Nginx;
+use PgPush qw/ config_test repo_root /;
+
+###############################################################################
+
+select STDERR; $| = 1;
+select STDOUT; $| = 1;
+
+my $root = repo_root();
+my @examples = sort glob("$root/nginx-conf/*.conf");
+my @directives = directive_table();
+
+# Each bad configuration: [name, directives (http level), location body, expected message,
+# and optionally the main-context prefix]. The first line of the location body, or of the
+# http part when the location is empty, is where nginx must point.
+my @bad = (
+	['duplicate flag', '', "push_stream_store_messages on;\n push_stream_store_messages off;",
+		qr/"push_stream_store_messages" directive is duplicate in %F:%L1/],
+	['bad flag', '', 'push_stream_store_messages yes;',
+		qr/invalid value "yes" in "push_stream_store_messages" directive, it must be "on" or "off" in %F:%L/],
+	['bad number', 'push_stream_max_channel_id_length abc;', '',
+		qr/invalid value "abc" in "push_stream_max_channel_id_length" directive, it must be a number in %F:%H/],
+	['zero limit', 'push_stream_max_subscribers_per_channel 0;', '',
+		qr/invalid value "0" in "push_stream_max_subscribers_per_channel" directive, it must be greater than zero in %F:%H/],
+	['bad time', '', 'push_stream_ping_message_interval 10x;',
+		qr/invalid value "10x" in "push_stream_ping_message_interval" directive, it must be a time, e\.g\. "500ms", "30s", "1m" in %F:%L/],
+	['zero time', 'push_stream_message_ttl 0;', '',
+		qr/invalid value "0" in "push_stream_message_ttl" directive, it must be greater than zero in %F:%H/],
+	['bad subscriber mode', '', "push_stream_subscriber websockets;\n push_stream_channels_path \$arg_id;",
+		qr/invalid value "websockets" in "push_stream_subscriber" directive, it must be one of: streaming, polling, long-polling, eventsource, websocket in %F:%L/],
+	['bad publisher mode', '', "push_stream_publisher root;\n push_stream_channels_path \$arg_id;",
+		qr/invalid value "root" in "push_stream_publisher" directive, it must be one of: normal, admin in %F:%L/],
+	['subscriber without channels path', '', 'push_stream_subscriber websocket;',
+		qr/"push_stream_channels_path" must be set for "push_stream_subscriber" in %F:%L/],
+	['publisher without channels path', '', 'push_stream_publisher;',
+		qr/"push_stream_channels_path" must be set for "push_stream_publisher" in %F:%L/],
+	['subscriber and publisher in one location', '',
+		"push_stream_channels_path \$arg_id;\n push_stream_subscriber;\n push_stream_publisher;",
+		qr/"push_stream_publisher" cannot be combined with "push_stream_subscriber" in one location in %F:%L2/],
+	['duplicate subscriber', '',
+		"push_stream_channels_path \$arg_id;\n push_stream_subscriber;\n push_stream_subscriber;",
+		qr/"push_stream_subscriber" directive is duplicate in %F:%L2/],
+	['subscriber outside location', 'push_stream_subscriber;', '',
+		qr/"push_stream_subscriber" directive is not allowed here in %F:%H/],
+	['wrong number of arguments', 'push_stream_postgres_reconnect 1s;', '',
+		qr/invalid number of arguments in "push_stream_postgres_reconnect" directive in %F:%H/],
+	['reconnect min above max', 'push_stream_postgres_reconnect 10s 1s;', '',
+		qr/invalid value "10s 1s" in "push_stream_postgres_reconnect" directive, the minimum must not exceed the maximum in %F:%H/],
+	['reconnect bad time', 'push_stream_postgres_reconnect soon 1s;', '',
+		qr/invalid value "soon" in "push_stream_postgres_reconnect" directive, it must be a time, e\.g\. "500ms", "30s", "1m" in %F:%H/],
+	['malformed conninfo, password masked', 'push_stream_postgres "postgres://app:hunter2@db:notaport/x";', '',
+		qr/invalid value "postgres:\/\/app:\*\*\*\*\*\*\*\*\@db:notaport\/x" in "push_stream_postgres" directive, invalid connection string: invalid value for option `port` in %F:%H/],
+	['conninfo without user', 'push_stream_postgres "host=127.0.0.1 password=hunter2 dbname=x";', '',
+		qr/invalid value "host=127\.0\.0\.1 password=\*\*\*\*\*\*\*\* dbname=x" in "push_stream_postgres" directive, no "user" given \(add user=\.\.\. or postgres:\/\/user\@host\/db\) in %F:%H/],
+	['conninfo unknown option', 'push_stream_postgres "user=a colour=blue";', '',
+		qr/invalid value "user=a colour=blue" in "push_stream_postgres" directive, .*unknown option `colour` in %F:%H/],
+	['empty conninfo', 'push_stream_postgres "";', '',
+		qr/invalid value "" in "push_stream_postgres" directive, empty connection string in %F:%H/],
+	['duplicate conninfo', "push_stream_postgres \"user=a\";\n push_stream_postgres \"user=b\";", '',
+		qr/"push_stream_postgres" directive is duplicate in %F:%H1/],
+	['channel prefix too long', 'push_stream_postgres_channel_prefix ' . ('p' x 63) . ';', '',
+		qr/invalid value "p{63}" in "push_stream_postgres_channel_prefix" directive, it must be at most 62 bytes, as PostgreSQL channel names are in %F:%H/],
+	['empty message template', '', 'push_stream_message_template "";',
+		qr/invalid value "" in "push_stream_message_template" directive, it must not be empty in %F:%L/],
+	['missing header template file', '', 'push_stream_header_template_file /nonexistent/header.html;',
+		qr/invalid value "\/nonexistent\/header\.html" in "push_stream_header_template_file" directive, No such file or directory .*in %F:%L/],
+	['header template set twice', '', "push_stream_header_template a;\n push_stream_header_template_file /etc/hostname;",
+		qr/"push_stream_header_template_file" directive is duplicate in %F:%L1/],
+	['bad padding', '', 'push_stream_padding_by_user_agent "[Ii][Ee],x,0";',
+		qr/invalid value "\[Ii\]\[Ee\],x,0" in "push_stream_padding_by_user_agent" directive, it must be "regex,header size,message size" entries separated by ":" in %F:%L/],
+	['bad shared memory size', 'push_stream_shared_memory_size lots;', '',
+		qr/invalid value "lots" in "push_stream_shared_memory_size" directive, it must be a size, e\.g\. "32m" in %F:%H/],
+	['unknown variable in channels path', '', "push_stream_subscriber;\n push_stream_channels_path \$no_such_var;",
+		qr/unknown "no_such_var" variable/],
+	['two workers without postgres', '', "push_stream_subscriber;\n push_stream_channels_path \$arg_id;",
+		qr/"worker_processes 2" needs "push_stream_postgres": pgpush workers exchange messages only through PostgreSQL/,
+		'worker_processes 2;'],
+);
+
+my $t = Test::Nginx->new()->has(qw/http/)
+	->plan(7 + 2 * @examples + 2 * @bad + 2 + @directives);
+
+###############################################################################
+
+# The module loads, with two workers and every role configured; nothing needs PostgreSQL
+# to be up for nginx to start.
+
+$t->write_file_expand('nginx.conf', <<'EOF');
+
+%%TEST_GLOBALS%%
+
+daemon off;
+worker_processes 2;
+
+events {
+}
+
+http {
+    %%TEST_GLOBALS_HTTP%%
+
+    push_stream_postgres "host=127.0.0.1 port=9 user=nobody dbname=none connect_timeout=1";
+    push_stream_channel_deleted_message_text "gone";
+
+    server {
+        listen       127.0.0.1:8080;
+        server_name  localhost;
+
+        location / {
+            return 200 "plain\n";
+        }
+
+        location /sub {
+            push_stream_subscriber websocket;
+            push_stream_channels_path $arg_id;
+        }
+
+        location /pub {
+            push_stream_publisher admin;
+            push_stream_channels_path $arg_id;
+        }
+
+        location /stats {
+            push_stream_channels_statistics;
+        }
+    }
+}
+
+EOF
+
+$t->run();
+
+like(http_get('/'), qr/200 OK.*plain/s, 'module loaded, nginx serves');
+
+my $log = $t->read_file('error.log');
+my @warn = $log =~ /"push_stream_subscriber" has no effect yet/g;
+is(scalar @warn, 1, 'a directive not built yet is warned about once');
+unlike($log, qr/\[(emerg|crit)\]/, 'no emerg or crit at startup');
+unlike($log, qr/hunter2|password=[^*]/, 'no secret in the log');
+
+$t->reload();
+sleep 1;
+like(http_get('/'), qr/200 OK.*plain/s, 'serves after reload');
+like($t->read_file('error.log'), qr/reconfiguring/, 'reload happened');
+
+$t->stop();
+unlike($t->read_file('error.log'), qr/\[alert\]/, 'clean shutdown');
+
+###############################################################################
+
+# Every shipped example passes `nginx -t` (its load_module line replaced with the module
+# under test, its listen ports with free ones).
+
+for my $file (@examples) {
+	my $name = $file =~ s!.*/!!r;
+	open my $fh, '<', $file or die "$file: $!";
+	my $conf = do { local $/; <$fh> };
+	close $fh;
+
+	like($conf, qr/^load_module\s+\S+ngx_http_pgpush_module\.so;/m,
+		"$name has a load_module line");
+	$conf =~ s/^load_module\s+\S+;\s*$//m;
+	$conf = "%%TEST_GLOBALS%%\n" . $conf;
+
+	my ($rc, $out) = config_test($t, "example-$name", $conf);
+	ok($rc == 0 && $out =~ /test is successful/, "nginx -t $name")
+		or diag($out);
+}
+
+###############################################################################
+
+# Bad configurations: exact [emerg] text, with file:line.
+
+for my $case (@bad) {
+	my ($title, $http, $loc, $re, $main) = @$case;
+	$main //= 'worker_processes 1;';
+
+	my $conf = <<"EOF";
+%%TEST_GLOBALS%%
+$main
+events {
+}
+http {
+    %%TEST_GLOBALS_HTTP%%
+ $http
+    server {
+        listen 127.0.0.1:8080;
+        location /x {
+ $loc
+        }
+    }
+}
+EOF
+	(my $name = "bad-$title.conf") =~ s/[^\w.-]+/-/g;
+	my ($rc, $out) = config_test($t, $name, $conf);
+
+	# %F is the file; %H/%L the first line of the http/location part, %H1/%L1 the next,
+	# counted in the file as written (after %%TEST_GLOBALS%% expansion).
+	my @lines = split /\n/, $t->read_file($name);
+	my ($hline) = grep { $lines[$_ - 1] eq ' ' . (split /\n/, $http)[0] } 1 .. @lines
+		if length $http;
+	my ($lline) = grep { $lines[$_ - 1] eq ' ' . (split /\n/, $loc)[0] } 1 .. @lines
+		if length $loc;
+	$hline //= 0;
+	$lline //= 0;
+
+	my $pattern = "$re";
+	$pattern =~ s/%F/\\S+\Q$name\E/g;
+	$pattern =~ s/%H(\d?)/$hline + ($1 || 0)/ge;
+	$pattern =~ s/%L(\d?)/$lline + ($1 || 0)/ge;
+
+	isnt($rc, 0, "$title: nginx -t fails");
+	like($out, qr/\[emerg\].*$pattern(?!\d)/, "$title: message") or diag($out);
+}
+
+###############################################################################
+
+# The conninfo password never reaches the output, even when the string is malformed.
+
+my (undef, $out) = config_test($t, 'secret.conf', <<'EOF');
+%%TEST_GLOBALS%%
+events {
+}
+http {
+    push_stream_postgres "postgres://app:hunter2@db:notaport/x";
+}
+EOF
+unlike($out, qr/hunter2/, 'password masked in URL form');
+
+(undef, $out) = config_test($t, 'secret2.conf', <<'EOF');
+%%TEST_GLOBALS%%
+events {
+}
+http {
+    push_stream_postgres "user=app password='hunter2' port=x";
+}
+EOF
+unlike($out, qr/hunter2/, 'password masked in key/value form');
+
+###############################################################################
+
+# README.md documents every directive of the table.
+
+open my $rd, '<', "$root/README.md" or die "README.md: $!";
+my $readme = do { local $/; <$rd> };
+close $rd;
+
+for my $d (@directives) {
+	like($readme, qr/^\|\s*`\Q$d\E`/m, "README documents $d");
+}
+
+###############################################################################
+
+# The directive names, read from the table in src/nginx/conf.rs.
+sub directive_table {
+	open my $fh, '<', "$root/src/nginx/conf.rs" or die "conf.rs: $!";
+	my $src = do { local $/; <$fh> };
+	close $fh;
+	my @names = $src =~ /\b(?:main|any|any_if|loc)!\(\s*"(push_stream_\w+)"/g;
+	die "no directives found in conf.rs\n" unless @names > 40;
+	return @names;
+}
+
+###############################################################################

@@ -1,0 +1,36 @@
+package PgPush;
+
+# Helpers shared by pgpush's suites that are not part of the nginx-tests API.
+
+use warnings;
+use strict;
+
+use base qw/ Exporter /;
+our @EXPORT_OK = qw/ config_test repo_root module_globals /;
+
+use FindBin;
+
+sub repo_root {
+	my $dir = __FILE__;
+	$dir =~ s!/t/lib/PgPush\.pm$!!;
+	return -d "$dir/nginx-conf" ? $dir : "$FindBin::Bin/..";
+}
+
+# The load_module line the suites need; scripts/test puts it in TEST_NGINX_GLOBALS.
+sub module_globals {
+	return $ENV{TEST_NGINX_GLOBALS} // '';
+}
+
+# Runs `nginx -t` on $conf (after %%TEST_GLOBALS%% and port expansion) in $t's directory.
+# Returns (exit code, everything nginx printed).
+sub config_test {
+	my ($t, $name, $conf) = @_;
+	$t->write_file_expand($name, $conf);
+	my $d = $t->testdir();
+	my $out = `$Test::Nginx::NGINX -t -p $d/ -c $name -e $d/$name.log 2>&1`;
+	my $rc = $? >> 8;
+	$out .= $t->read_file("$name.log");
+	return ($rc, $out);
+}
+
+1;

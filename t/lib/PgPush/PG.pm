@@ -1,0 +1,109 @@
+package PgPush::PG;
+
+# A throwaway PostgreSQL cluster for a test file, started through scripts/pg and driven with
+# DBD::Pg. It is stopped (and its directory removed) when the object goes away.
+#
+#   my $pg = PgPush::PG->start();
+#   $pg->conninfo;                     "host=127.0.0.1 port=N user=postgres dbname=postgres"
+#   $pg->notify('ch', 'payload');
+#   $pg->query('SELECT pg_listening_channels()');   list of row arrayrefs
+#   $pg->sessions;                     pgpush side connections: [pid, state, last query]
+#   $pg->restart;  $pg->terminate_sessions;
+
+use warnings;
+use strict;
+
+use DBI;
+use File::Temp qw/ tempdir /;
+use FindBin;
+
+sub root {
+	my $dir = __FILE__;
+	$dir =~ s!/t/lib/PgPush/PG\.pm$!!;
+	$dir = "$FindBin::Bin/.." unless -x "$dir/scripts/pg";
+	return $dir;
+}
+
+sub start {
+	my ($class) = @_;
+	my $dir = tempdir('pgpush-pg-XXXXXXXX', TMPDIR => 1);
+	my $pg = root() . '/scripts/pg';
+	my $conninfo = `$pg start $dir`;
+	die "scripts/pg start failed\n" if $? != 0;
+	chomp $conninfo;
+	my ($port) = $conninfo =~ /port=(\d+)/;
+	return bless {
+		dir => $dir, conninfo => $conninfo, port => $port, pid => $$, script => $pg,
+	}, $class;
+}
+
+sub conninfo { $_[0]{conninfo} }
+sub port { $_[0]{port} }
+sub dir { $_[0]{dir} }
+
+sub dbh {
+	my ($self) = @_;
+	return $self->{dbh} if $self->{dbh} && $self->{dbh}->ping;
+	$self->{dbh} = DBI->connect(
+		"dbi:Pg:host=127.0.0.1;port=$self->{port};dbname=postgres", 'postgres', '',
+		{ RaiseError => 1, PrintError => 0, AutoCommit => 1 },
+	);
+	return $self->{dbh};
+}
+
+sub do {
+	my ($self, $sql, @bind) = @_;
+	return $self->dbh->do($sql, undef, @bind);
+}
+
+sub query {
+	my ($self, $sql, @bind) = @_;
+	return $self->dbh->selectall_arrayref($sql, undef, @bind);
+}
+
+sub notify {
+	my ($self, $channel, $payload) = @_;
+	return $self->do('SELECT pg_notify(?, ?)', $channel, $payload);
+}
+
+# The side connections of pgpush workers (application_name 'pgpush'). A session's LISTEN
+# set is private to it, so tests observe it through delivery and through the last statement
+# each session ran (pg_stat_activity.query).
+sub sessions {
+	my ($self) = @_;
+	return $self->query(
+		"SELECT pid, state, query FROM pg_stat_activity WHERE application_name = 'pgpush' "
+		. "ORDER BY pid");
+}
+
+sub terminate_sessions {
+	my ($self) = @_;
+	return $self->query(
+		"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pgpush'");
+}
+
+sub restart {
+	my ($self) = @_;
+	delete $self->{dbh};
+	system($self->{script}, 'restart', $self->{dir}) == 0 or die "scripts/pg restart failed\n";
+	return $self;
+}
+
+sub stop {
+	my ($self) = @_;
+	return unless $self->{dir} && $self->{pid} == $$;
+	if ($self->{dbh}) {
+		$self->{dbh}->disconnect;
+		delete $self->{dbh};
+	}
+	system($self->{script}, 'stop', $self->{dir});
+	delete $self->{dir};
+}
+
+sub DESTROY {
+	my ($self) = @_;
+	local $?;
+	$self->stop();
+}
+
+1;
