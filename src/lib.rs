@@ -6,6 +6,7 @@
 //! - `nginx`: the module, directives and lifecycle (tested by `t/` against real nginx).
 
 pub mod config;
+pub mod protocol;
 
 // The nginx-facing layer links against nginx symbols that only exist inside an nginx
 // binary, so the unit-test harness (which is a plain executable) leaves it out.

@@ -163,7 +163,10 @@ unlike($t->read_file('error.log'), qr/\[alert\]/, 'clean shutdown');
 ###############################################################################
 
 # Every shipped example passes `nginx -t` (its load_module line replaced with the module
-# under test, its listen ports with free ones).
+# under test, its listen ports with free ones). Relative paths such as the default access
+# log resolve under the test directory, as nginx's prefix.
+
+mkdir $t->testdir() . '/logs';
 
 for my $file (@examples) {
 	my $name = $file =~ s!.*/!!r;

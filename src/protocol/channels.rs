@@ -1,0 +1,173 @@
+//! Channel paths (`/ch1/ch2.b3`) and the PostgreSQL channel names they map to.
+
+use crate::config::values::PG_MAX_IDENTIFIER;
+
+/// One channel of a subscriber's path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelRequest {
+    pub id: String,
+    /// `.bN`: how many stored messages to send first.
+    pub backtrack: u32,
+}
+
+/// Why a channel path was refused; `explain()` is push-stream's wording where it has one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    #[error("No channel id provided.")]
+    NoChannel,
+    #[error("Channel id is too large.")]
+    TooLong,
+    #[error(
+        "Channel id is too large for PostgreSQL: prefix and id together must fit in {max} bytes."
+    )]
+    TooLongForPostgres { max: usize },
+    #[error("Channel id must be valid UTF-8 without NUL bytes.")]
+    Invalid,
+}
+
+impl ChannelError {
+    /// The HTTP status push-stream answers with.
+    pub fn status(&self) -> u16 {
+        400
+    }
+}
+
+/// Limits that apply to every channel id.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits<'a> {
+    /// `push_stream_max_channel_id_length`.
+    pub max_id_length: Option<usize>,
+    /// `push_stream_postgres_channel_prefix`.
+    pub pg_prefix: &'a str,
+}
+
+/// Splits a channels path into channels, push-stream style: `/`-separated ids, each with an
+/// optional `.bN` backtrack suffix; empty segments are ignored and repeats merged.
+pub fn parse_path(path: &[u8], limits: Limits<'_>) -> Result<Vec<ChannelRequest>, ChannelError> {
+    let mut out: Vec<ChannelRequest> = Vec::new();
+    for seg in path.split(|&b| b == b'/') {
+        if seg.is_empty() {
+            continue;
+        }
+        let (id, backtrack) = split_backtrack(seg);
+        if id.is_empty() {
+            continue;
+        }
+        let id = check_id(id, limits)?;
+        match out.iter_mut().find(|c| c.id == id) {
+            Some(c) => c.backtrack = c.backtrack.max(backtrack),
+            None => out.push(ChannelRequest { id, backtrack }),
+        }
+    }
+    if out.is_empty() {
+        return Err(ChannelError::NoChannel);
+    }
+    Ok(out)
+}
+
+/// Checks one channel id (a publisher's, or one segment of a path).
+pub fn check_id(id: &[u8], limits: Limits<'_>) -> Result<String, ChannelError> {
+    if id.is_empty() {
+        return Err(ChannelError::NoChannel);
+    }
+    if limits.max_id_length.is_some_and(|max| id.len() > max) {
+        return Err(ChannelError::TooLong);
+    }
+    if id.contains(&0) {
+        return Err(ChannelError::Invalid);
+    }
+    let id = std::str::from_utf8(id).map_err(|_| ChannelError::Invalid)?;
+    if limits.pg_prefix.len() + id.len() > PG_MAX_IDENTIFIER {
+        return Err(ChannelError::TooLongForPostgres { max: PG_MAX_IDENTIFIER });
+    }
+    Ok(id.to_string())
+}
+
+fn split_backtrack(seg: &[u8]) -> (&[u8], u32) {
+    if let Some(pos) = seg.windows(2).rposition(|w| w == b".b") {
+        let digits = &seg[pos + 2..];
+        if !digits.is_empty() && digits.iter().all(u8::is_ascii_digit) {
+            let n = std::str::from_utf8(digits).ok().and_then(|s| s.parse().ok());
+            return (&seg[..pos], n.unwrap_or(u32::MAX));
+        }
+    }
+    (seg, 0)
+}
+
+/// The PostgreSQL channel for a channel id; the same string serves LISTEN, UNLISTEN and
+/// `pg_notify`, so case and bytes are kept exactly.
+pub fn pg_channel(prefix: &str, id: &str) -> String {
+    let mut s = String::with_capacity(prefix.len() + id.len());
+    s.push_str(prefix);
+    s.push_str(id);
+    s
+}
+
+/// Quotes a name as an SQL identifier: LISTEN takes no bind parameters, and an unquoted
+/// name would be case-folded.
+pub fn quote_ident(name: &str) -> String {
+    let mut s = String::with_capacity(name.len() + 2);
+    s.push('"');
+    for c in name.chars() {
+        if c == '"' {
+            s.push('"');
+        }
+        s.push(c);
+    }
+    s.push('"');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: Limits<'static> = Limits { max_id_length: None, pg_prefix: "" };
+
+    fn ids(v: &[ChannelRequest]) -> Vec<(&str, u32)> {
+        v.iter().map(|c| (c.id.as_str(), c.backtrack)).collect()
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(ids(&parse_path(b"ch1", L).unwrap()), [("ch1", 0)]);
+        assert_eq!(ids(&parse_path(b"/ch1/ch2.b3/", L).unwrap()), [("ch1", 0), ("ch2", 3)]);
+        assert_eq!(ids(&parse_path(b"a//a.b2", L).unwrap()), [("a", 2)]);
+        assert_eq!(ids(&parse_path(b"v1.bx", L).unwrap()), [("v1.bx", 0)]);
+        assert_eq!(ids(&parse_path(b"x.b", L).unwrap()), [("x.b", 0)]);
+        assert_eq!(parse_path(b"", L), Err(ChannelError::NoChannel));
+        assert_eq!(parse_path(b"//", L), Err(ChannelError::NoChannel));
+        assert_eq!(parse_path(b".b5", L), Err(ChannelError::NoChannel));
+    }
+
+    #[test]
+    fn limits() {
+        let l = Limits { max_id_length: Some(3), pg_prefix: "" };
+        assert!(parse_path(b"abc", l).is_ok());
+        assert_eq!(parse_path(b"abcd", l), Err(ChannelError::TooLong));
+        let long = "x".repeat(63);
+        assert!(parse_path(long.as_bytes(), L).is_ok());
+        let too_long = "x".repeat(64);
+        assert_eq!(
+            parse_path(too_long.as_bytes(), L),
+            Err(ChannelError::TooLongForPostgres { max: 63 })
+        );
+        let p = Limits { max_id_length: None, pg_prefix: "app_" };
+        assert!(parse_path("x".repeat(59).as_bytes(), p).is_ok());
+        assert!(parse_path("x".repeat(60).as_bytes(), p).is_err());
+        // bytes, not characters: 32 two-byte characters are 64 bytes
+        assert!(parse_path("é".repeat(32).as_bytes(), L).is_err());
+        assert_eq!(parse_path(b"a\0b", L), Err(ChannelError::Invalid));
+        assert_eq!(parse_path(b"\xff", L), Err(ChannelError::Invalid));
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("news"), "\"news\"");
+        assert_eq!(quote_ident("News"), "\"News\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_ident("x\"; DROP TABLE t; --"), "\"x\"\"; DROP TABLE t; --\"");
+        assert_eq!(quote_ident("l'été"), "\"l'été\"");
+        assert_eq!(pg_channel("app_", "News"), "app_News");
+    }
+}
