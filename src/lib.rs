@@ -6,6 +6,7 @@
 //! - `nginx`: the module, directives and lifecycle (tested by `t/` against real nginx).
 
 pub mod config;
+pub mod postgres;
 pub mod protocol;
 
 // The nginx-facing layer links against nginx symbols that only exist inside an nginx

@@ -443,6 +443,7 @@ macro_rules! loc {
 
 const T1: u32 = NGX_CONF_TAKE1;
 const NOT_YET: bool = false;
+const READY: bool = true;
 
 use Kind::{Complex, Custom, Flag};
 const NUM_POS: Kind = Kind::Num { positive: true };
@@ -504,9 +505,9 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 46] = [
     any!("push_stream_client_publish_request", T1, client_publish_request, Complex, NOT_YET),
 
     /* PostgreSQL */
-    main!("push_stream_postgres", T1, postgres, Custom(set_postgres), NOT_YET),
+    main!("push_stream_postgres", T1, postgres, Custom(set_postgres), READY),
     main!("push_stream_postgres_channel_prefix", T1, postgres_channel_prefix, Custom(set_postgres_channel_prefix), NOT_YET),
-    main!("push_stream_postgres_reconnect", NGX_CONF_TAKE2, postgres_reconnect, Custom(set_postgres_reconnect), NOT_YET),
+    main!("push_stream_postgres_reconnect", NGX_CONF_TAKE2, postgres_reconnect, Custom(set_postgres_reconnect), READY),
     any!("push_stream_postgres_on_subscribe", T1, postgres_on_subscribe, STR_NONEMPTY, NOT_YET),
     any!("push_stream_postgres_on_unsubscribe", T1, postgres_on_unsubscribe, STR_NONEMPTY, NOT_YET),
     any!("push_stream_postgres_on_publish", T1, postgres_on_publish, STR_NONEMPTY, NOT_YET),

@@ -4,6 +4,7 @@
 //! convert to an nginx status once.
 
 pub mod conf;
+mod worker;
 
 use core::ffi::{c_char, c_void};
 use core::ptr;
@@ -44,10 +45,10 @@ pub static mut ngx_http_pgpush_module: ngx_module_t = ngx_module_t {
     type_: NGX_HTTP_MODULE as ngx_uint_t,
     init_master: None,
     init_module: Some(init_module),
-    init_process: None,
+    init_process: Some(worker::init_process),
     init_thread: None,
     exit_thread: None,
-    exit_process: None,
+    exit_process: Some(worker::exit_process),
     exit_master: None,
     ..ngx_module_t::default()
 };

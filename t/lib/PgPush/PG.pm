@@ -8,7 +8,7 @@ package PgPush::PG;
 #   $pg->notify('ch', 'payload');
 #   $pg->query('SELECT pg_listening_channels()');   list of row arrayrefs
 #   $pg->sessions;                     pgpush side connections: [pid, state, last query]
-#   $pg->restart;  $pg->terminate_sessions;
+#   $pg->restart;  $pg->halt;  $pg->terminate_sessions;
 
 use warnings;
 use strict;
@@ -86,6 +86,15 @@ sub restart {
 	my ($self) = @_;
 	delete $self->{dbh};
 	system($self->{script}, 'restart', $self->{dir}) == 0 or die "scripts/pg restart failed\n";
+	return $self;
+}
+
+# Stops the server but keeps the cluster, to be started again with restart().
+sub halt {
+	my ($self) = @_;
+	delete $self->{dbh};
+	local $ENV{PGPUSH_PG_KEEP} = 1;
+	system($self->{script}, 'stop', $self->{dir}) == 0 or die "scripts/pg stop failed\n";
 	return $self;
 }
 

@@ -1,0 +1,110 @@
+//! The queue between a worker's tokio thread and its nginx event loop.
+//!
+//! The tokio side pushes owned events; the first push into an empty queue writes the
+//! eventfd, which nginx watches as a read event. The nginx side drains the fd, then takes
+//! events in bounded batches.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use parking_lot::Mutex;
+
+/// Log levels the tokio side may use; the worker maps them to nginx's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Alert,
+    Error,
+    Warn,
+    Notice,
+    Info,
+    Debug,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    Log {
+        level: Level,
+        msg: String,
+    },
+    Notification {
+        channel: String,
+        payload: String,
+    },
+    /// The connection is up and every live channel is LISTENed again.
+    Connected {
+        relistened: bool,
+    },
+    Disconnected,
+}
+
+pub struct Bridge {
+    queue: Mutex<Vec<Event>>,
+    fd: OwnedFd,
+}
+
+impl Bridge {
+    pub fn new() -> io::Result<std::sync::Arc<Self>> {
+        // SAFETY: eventfd returns a new descriptor or -1
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is ours
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(std::sync::Arc::new(Self { queue: Mutex::new(Vec::new()), fd }))
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    pub fn push(&self, ev: Event) {
+        let was_empty = {
+            let mut q = self.queue.lock();
+            let e = q.is_empty();
+            q.push(ev);
+            e
+        };
+        if was_empty {
+            self.wake();
+        }
+    }
+
+    pub fn log(&self, level: Level, msg: String) {
+        self.push(Event::Log { level, msg });
+    }
+
+    /// Makes the fd readable (also used by the worker to come back for a next batch).
+    pub fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64; EAGAIN only when the counter is huge,
+        // in which case the fd is readable anyway.
+        unsafe { libc::write(self.raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Reads the fd until EAGAIN; returns how many wakeups were pending.
+    pub fn drain_wakeups(&self) -> u64 {
+        let mut total = 0;
+        loop {
+            let mut v: u64 = 0;
+            // SAFETY: reads 8 bytes into a valid u64
+            let n = unsafe { libc::read(self.raw_fd(), (&mut v as *mut u64).cast(), 8) };
+            if n != 8 {
+                return total;
+            }
+            total += v;
+        }
+    }
+
+    /// Moves at most `max` events into `out`; true when the queue is left empty.
+    pub fn take(&self, out: &mut Vec<Event>, max: usize) -> bool {
+        let mut q = self.queue.lock();
+        if q.len() <= max {
+            out.append(&mut q);
+            true
+        } else {
+            out.extend(q.drain(..max));
+            false
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! The PostgreSQL side connection of one worker, on its own tokio thread.
+//!
+//! Nothing here touches nginx. The worker sends [`Command`]s over a channel; this thread
+//! answers with [`Event`]s pushed onto the [`Bridge`], whose eventfd wakes the worker's
+//! event loop. Log lines travel the same way, since logging is an nginx API too.
+
+pub mod bridge;
+
+use std::collections::BTreeSet;
+use std::future::poll_fn;
+use std::io;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+pub use self::bridge::{Bridge, Event, Level};
+use crate::config::conninfo;
+use crate::config::values::Reconnect;
+use crate::protocol::channels::quote_ident;
+
+/// What the worker asks of its side connection.
+#[derive(Debug)]
+pub enum Command {
+    /// LISTEN on a PostgreSQL channel (reference counting is the worker's job).
+    Listen(String),
+    Unlisten(String),
+    Stop,
+}
+
+/// How often an idle connection proves it is alive; TCP keepalives cover the kernel side.
+const LIVENESS_INTERVAL: Duration = Duration::from_secs(30);
+const LIVENESS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The worker's handle on its side thread.
+pub struct SideConnection {
+    tx: mpsc::UnboundedSender<Command>,
+    thread: Option<thread::JoinHandle<()>>,
+    done: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl SideConnection {
+    /// Starts the thread with every signal blocked, so that a signal sent to the worker is
+    /// always handled by nginx's own thread.
+    pub fn start(
+        config: tokio_postgres::Config,
+        reconnect: Reconnect,
+        bridge: Arc<Bridge>,
+        worker: usize,
+    ) -> io::Result<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let done = Arc::new((Mutex::new(false), Condvar::new()));
+        let done2 = done.clone();
+
+        let thread = with_signals_blocked(|| {
+            thread::Builder::new().name(format!("pgpush-pg-{worker}")).spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+                match rt {
+                    Ok(rt) => rt.block_on(run(config, reconnect, rx, bridge.clone())),
+                    Err(e) => bridge.log(Level::Alert, format!("tokio runtime failed: {e}")),
+                }
+                let (lock, cv) = &*done2;
+                *lock.lock() = true;
+                cv.notify_all();
+            })
+        })?;
+
+        Ok(Self { tx, thread: Some(thread), done })
+    }
+
+    pub fn send(&self, cmd: Command) {
+        // The thread only goes away on Stop or a runtime failure that is already logged.
+        let _ = self.tx.send(cmd);
+    }
+
+    /// Asks the thread to close the connection and waits at most `timeout` for it.
+    /// Returns false if the thread was left behind (it dies with the process).
+    pub fn stop(mut self, timeout: Duration) -> bool {
+        self.send(Command::Stop);
+        let (lock, cv) = &*self.done;
+        let mut finished = lock.lock();
+        if !*finished {
+            cv.wait_for(&mut finished, timeout);
+        }
+        if *finished {
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: plain sigset manipulation on this thread; the old mask is restored.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let r = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
+    }
+}
+
+/// Exponential backoff with jitter between `min` and `max`.
+pub struct Backoff {
+    next: Duration,
+    policy: Reconnect,
+    seed: u64,
+}
+
+impl Backoff {
+    pub fn new(policy: Reconnect, seed: u64) -> Self {
+        Self { next: policy.min, policy, seed: seed | 1 }
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.policy.min;
+    }
+
+    /// The next delay: somewhere in [next/2, next], then next doubles up to max.
+    pub fn step(&mut self) -> Duration {
+        // xorshift: jitter only needs to keep workers from reconnecting in lockstep
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let base = self.next;
+        let half = base / 2;
+        let jitter = half.mul_f64((self.seed % 1000) as f64 / 1000.0);
+        self.next = (self.next * 2).min(self.policy.max);
+        (half + jitter).max(self.policy.min.min(base))
+    }
+}
+
+enum Outcome {
+    Stop,
+    Lost(String),
+}
+
+async fn run(
+    config: tokio_postgres::Config,
+    reconnect: Reconnect,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    bridge: Arc<Bridge>,
+) {
+    let target = conninfo::describe(&config);
+    let seed = u64::from(std::process::id()) ^ now_nanos();
+    let mut backoff = Backoff::new(reconnect, seed);
+    let mut channels: BTreeSet<String> = BTreeSet::new();
+    let mut ever_connected = false;
+    let mut failures: u32 = 0;
+
+    loop {
+        let connected = tokio::select! {
+            r = config.connect(NoTls) => r,
+            stop = drain_while_down(&mut rx, &mut channels) => {
+                if stop { return; }
+                continue;
+            }
+        };
+
+        let (client, mut connection) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                failures += 1;
+                let delay = backoff.step();
+                if failures == 1 {
+                    bridge.log(
+                        Level::Error,
+                        format!(
+                            "connect() to postgres {target} failed: {}; retrying every {}ms..{}ms",
+                            chain(&e),
+                            reconnect.min.as_millis(),
+                            reconnect.max.as_millis()
+                        ),
+                    );
+                } else {
+                    bridge
+                        .log(Level::Debug, format!("connect() to {target} failed: {}", chain(&e)));
+                }
+                if sleep_or_stop(delay, &mut rx, &mut channels).await {
+                    return;
+                }
+                continue;
+            }
+        };
+
+        // Notifications only surface when the connection is polled directly.
+        let b = bridge.clone();
+        let mut driver = tokio::spawn(async move {
+            loop {
+                match poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(n))) => b.push(Event::Notification {
+                        channel: n.channel().to_string(),
+                        payload: n.payload().to_string(),
+                    }),
+                    Some(Ok(AsyncMessage::Notice(n))) => {
+                        b.log(Level::Info, format!("postgres notice: {}", n.message()))
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return chain(&e),
+                    None => return String::from("connection closed"),
+                }
+            }
+        });
+
+        let relisten = listen_sql("LISTEN", channels.iter());
+        let setup =
+            if relisten.is_empty() { Ok(()) } else { client.batch_execute(&relisten).await };
+        if let Err(e) = setup {
+            driver.abort();
+            bridge.log(Level::Error, format!("LISTEN on postgres {target} failed: {}", chain(&e)));
+            if sleep_or_stop(backoff.step(), &mut rx, &mut channels).await {
+                return;
+            }
+            continue;
+        }
+
+        if failures > 0 || ever_connected {
+            bridge.log(
+                Level::Notice,
+                format!(
+                    "reconnected to postgres {target}, listening on {} channel(s)",
+                    channels.len()
+                ),
+            );
+        } else {
+            bridge.log(Level::Notice, format!("connected to postgres {target}"));
+        }
+        bridge.push(Event::Connected { relistened: ever_connected });
+        ever_connected = true;
+        backoff.reset();
+
+        let outcome = serve(&client, &mut driver, &mut rx, &mut channels).await;
+        driver.abort();
+        drop(client);
+        match outcome {
+            Outcome::Stop => return,
+            Outcome::Lost(why) => {
+                bridge.log(
+                    Level::Error,
+                    format!("connection to postgres {target} lost: {why}; reconnecting"),
+                );
+                bridge.push(Event::Disconnected);
+                // the outage is logged: further failed attempts go to the debug log
+                failures = 1;
+                if sleep_or_stop(backoff.step(), &mut rx, &mut channels).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Runs commands on a live connection until it is lost or the worker stops.
+async fn serve(
+    client: &tokio_postgres::Client,
+    driver: &mut tokio::task::JoinHandle<String>,
+    rx: &mut mpsc::UnboundedReceiver<Command>,
+    channels: &mut BTreeSet<String>,
+) -> Outcome {
+    let mut tick = tokio::time::interval(LIVENESS_INTERVAL);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            why = &mut *driver => {
+                return Outcome::Lost(why.unwrap_or_else(|e| e.to_string()));
+            }
+            cmd = rx.recv() => {
+                let Some(cmd) = cmd else { return Outcome::Stop };
+                // take whatever else is queued: one round trip for a burst of (un)subscribes
+                let mut batch = vec![cmd];
+                while let Ok(c) = rx.try_recv() {
+                    batch.push(c);
+                }
+                let mut sql = String::new();
+                let mut stop = false;
+                for c in batch {
+                    match c {
+                        Command::Listen(ch) => {
+                            if channels.insert(ch.clone()) {
+                                sql.push_str(&listen_sql("LISTEN", [&ch].into_iter()));
+                            }
+                        }
+                        Command::Unlisten(ch) => {
+                            if channels.remove(&ch) {
+                                sql.push_str(&listen_sql("UNLISTEN", [&ch].into_iter()));
+                            }
+                        }
+                        Command::Stop => stop = true,
+                    }
+                }
+                if !sql.is_empty() {
+                    if let Err(e) = client.batch_execute(&sql).await {
+                        return Outcome::Lost(format!("LISTEN/UNLISTEN failed: {}", chain(&e)));
+                    }
+                }
+                if stop {
+                    return Outcome::Stop;
+                }
+            }
+            _ = tick.tick() => {
+                match tokio::time::timeout(LIVENESS_TIMEOUT, client.simple_query("")).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Outcome::Lost(chain(&e)),
+                    Err(_) => return Outcome::Lost(String::from("liveness check timed out")),
+                }
+            }
+        }
+    }
+}
+
+/// `LISTEN "a";LISTEN "b";` for the given channels.
+pub fn listen_sql<'a>(verb: &str, channels: impl Iterator<Item = &'a String>) -> String {
+    let mut sql = String::new();
+    for ch in channels {
+        sql.push_str(verb);
+        sql.push(' ');
+        sql.push_str(&quote_ident(ch));
+        sql.push(';');
+    }
+    sql
+}
+
+/// Keeps the wanted LISTEN set current while there is no connection; true on Stop.
+async fn drain_while_down(
+    rx: &mut mpsc::UnboundedReceiver<Command>,
+    channels: &mut BTreeSet<String>,
+) -> bool {
+    match rx.recv().await {
+        None | Some(Command::Stop) => true,
+        Some(Command::Listen(ch)) => {
+            channels.insert(ch);
+            false
+        }
+        Some(Command::Unlisten(ch)) => {
+            channels.remove(&ch);
+            false
+        }
+    }
+}
+
+async fn sleep_or_stop(
+    delay: Duration,
+    rx: &mut mpsc::UnboundedReceiver<Command>,
+    channels: &mut BTreeSet<String>,
+) -> bool {
+    let sleep = tokio::time::sleep(delay);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            _ = &mut sleep => return false,
+            stop = drain_while_down(rx, channels) => if stop { return true },
+        }
+    }
+}
+
+/// An error with its causes: tokio-postgres puts the server's message in the source.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let c_s = c.to_string();
+        if !s.contains(&c_s) {
+            s.push_str(": ");
+            s.push_str(&c_s);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new(Reconnect::new(ms(100), ms(1000)).unwrap(), 42);
+        let d: Vec<Duration> = (0..8).map(|_| b.step()).collect();
+        assert!(d[0] >= ms(50) && d[0] <= ms(100), "{d:?}");
+        assert!(d[1] >= ms(100) && d[1] <= ms(200), "{d:?}");
+        assert!(d[2] >= ms(200) && d[2] <= ms(400), "{d:?}");
+        assert!(d.iter().all(|x| *x <= ms(1000)), "{d:?}");
+        assert!(d[7] >= ms(500), "{d:?}");
+        b.reset();
+        assert!(b.step() <= ms(100));
+    }
+
+    #[test]
+    fn listen_statements_are_quoted() {
+        let chans = ["news".to_string(), "a\"b; DROP TABLE x".to_string()];
+        assert_eq!(
+            listen_sql("LISTEN", chans.iter()),
+            "LISTEN \"news\";LISTEN \"a\"\"b; DROP TABLE x\";"
+        );
+        assert_eq!(listen_sql("UNLISTEN", [].iter()), "");
+    }
+
+    #[test]
+    fn bridge_wakes_once_per_batch() {
+        let b = Bridge::new().unwrap();
+        b.push(Event::Disconnected);
+        b.push(Event::Disconnected);
+        assert_eq!(b.drain_wakeups(), 1);
+        let mut out = Vec::new();
+        assert!(!b.take(&mut out, 1));
+        assert_eq!(out.len(), 1);
+        assert!(b.take(&mut out, 10));
+        assert_eq!(out.len(), 2);
+        assert_eq!(b.drain_wakeups(), 0);
+    }
+}
