@@ -20,6 +20,16 @@ pub enum SubscriberMode {
 impl SubscriberMode {
     pub const ACCEPTED: &'static str = "streaming, polling, long-polling, eventsource, websocket";
 
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Streaming => "streaming",
+            Self::Polling => "polling",
+            Self::LongPolling => "long-polling",
+            Self::EventSource => "eventsource",
+            Self::WebSocket => "websocket",
+        }
+    }
+
     pub fn parse(v: &[u8]) -> Option<Self> {
         Some(match v {
             b"streaming" => Self::Streaming,

@@ -16,7 +16,16 @@ pub enum ListenChange {
 /// Subscribers by PostgreSQL channel name; `K` identifies a subscriber.
 #[derive(Debug)]
 pub struct Hub<K> {
-    channels: HashMap<String, Vec<K>>,
+    channels: HashMap<String, Channel<K>>,
+}
+
+/// One channel with subscribers in this worker.
+#[derive(Debug)]
+struct Channel<K> {
+    subs: Vec<K>,
+    /// Messages received since the channel got its first subscriber: `~id~` and the
+    /// publisher's `published_messages`.
+    messages: u64,
 }
 
 impl<K> Default for Hub<K> {
@@ -29,14 +38,14 @@ impl<K: Copy + PartialEq> Hub<K> {
     /// Adds a subscriber; a repeated (channel, key) pair is ignored.
     pub fn subscribe(&mut self, channel: &str, key: K) -> ListenChange {
         match self.channels.get_mut(channel) {
-            Some(subs) => {
-                if !subs.contains(&key) {
-                    subs.push(key);
+            Some(ch) => {
+                if !ch.subs.contains(&key) {
+                    ch.subs.push(key);
                 }
                 ListenChange::None
             }
             None => {
-                self.channels.insert(channel.to_string(), vec![key]);
+                self.channels.insert(channel.to_string(), Channel { subs: vec![key], messages: 0 });
                 ListenChange::Listen(channel.to_string())
             }
         }
@@ -44,7 +53,7 @@ impl<K: Copy + PartialEq> Hub<K> {
 
     /// Removes a subscriber; unknown pairs are ignored.
     pub fn unsubscribe(&mut self, channel: &str, key: K) -> ListenChange {
-        let Some(subs) = self.channels.get_mut(channel) else {
+        let Some(Channel { subs, .. }) = self.channels.get_mut(channel) else {
             return ListenChange::None;
         };
         if let Some(pos) = subs.iter().position(|k| *k == key) {
@@ -59,7 +68,20 @@ impl<K: Copy + PartialEq> Hub<K> {
     }
 
     pub fn subscribers(&self, channel: &str) -> &[K] {
-        self.channels.get(channel).map(Vec::as_slice).unwrap_or_default()
+        self.channels.get(channel).map(|c| c.subs.as_slice()).unwrap_or_default()
+    }
+
+    /// Counts a message received on `channel`; returns its number (from 1) and the
+    /// subscribers to deliver it to, or `None` when nobody here subscribes.
+    pub fn message(&mut self, channel: &str) -> Option<(u64, &[K])> {
+        let c = self.channels.get_mut(channel)?;
+        c.messages += 1;
+        Some((c.messages, &c.subs))
+    }
+
+    /// Messages received and subscribers, for the publisher's channel info.
+    pub fn info(&self, channel: &str) -> (u64, usize) {
+        self.channels.get(channel).map(|c| (c.messages, c.subs.len())).unwrap_or((0, 0))
     }
 
     /// The channels this worker must be listening on.
@@ -87,6 +109,9 @@ mod tests {
         assert_eq!(h.subscribe("news", 2), ListenChange::None);
         assert_eq!(h.subscribe("news", 2), ListenChange::None);
         assert_eq!(h.subscribers("news"), &[1, 2]);
+        assert_eq!(h.message("news"), Some((1, &[1, 2][..])));
+        assert_eq!(h.message("other"), None);
+        assert_eq!(h.info("news"), (1, 2));
         assert_eq!(h.unsubscribe("news", 1), ListenChange::None);
         assert_eq!(h.unsubscribe("news", 1), ListenChange::None);
         assert_eq!(h.unsubscribe("news", 2), ListenChange::Unlisten("news".into()));

@@ -11,8 +11,8 @@ use core::{mem, ptr};
 use std::collections::BTreeSet;
 
 use nginx_sys::{
-    ngx_command_t, ngx_conf_t, ngx_flag_t, ngx_http_complex_value_t, ngx_int_t, ngx_msec_t,
-    ngx_str_t, ngx_uint_t, time_t, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE12,
+    ngx_command_t, ngx_conf_t, ngx_flag_t, ngx_http_complex_value_t, ngx_http_request_t, ngx_int_t,
+    ngx_msec_t, ngx_str_t, ngx_uint_t, time_t, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE12,
     NGX_CONF_TAKE2, NGX_CONF_UNSET, NGX_HTTP_LIF_CONF, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET,
     NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG, NGX_LOG_WARN,
 };
@@ -25,11 +25,15 @@ use crate::config::values::{
     self, Padding, PublisherMode, Reconnect, Shown, SubscriberMode, ValueError,
 };
 use crate::nginx::HttpPgPushModule;
+use crate::protocol::template::Template;
 
 const NGX_CONF_UNSET_PTR: *mut ngx_http_complex_value_t = NGX_CONF_UNSET as isize as *mut _;
 const NGX_CONF_UNSET_MSEC: ngx_msec_t = NGX_CONF_UNSET as ngx_msec_t;
 const NGX_CONF_UNSET_UINT: ngx_uint_t = NGX_CONF_UNSET as ngx_uint_t;
 const NGX_CONF_UNSET_SIZE: usize = NGX_CONF_UNSET as usize;
+
+/// `push_stream_subscriber_output_limit`: a few dozen maximal NOTIFY payloads.
+pub const DEFAULT_OUTPUT_LIMIT: usize = 256 * 1024;
 
 /// An empty `ngx_str_t` (the stock str slot's "unset").
 const NULL_STR: ngx_str_t = ngx_str_t { len: 0, data: ptr::null_mut() };
@@ -164,6 +168,11 @@ pub struct LocConf {
     pub postgres_on_subscribe: ngx_str_t,
     pub postgres_on_unsubscribe: ngx_str_t,
     pub postgres_on_publish: ngx_str_t,
+
+    /// Unsent output a subscriber may hold before it is closed as too slow.
+    pub subscriber_output_limit: usize,
+    /// `message_template`, parsed once at merge.
+    pub template: Option<Template>,
 }
 
 impl Default for LocConf {
@@ -198,6 +207,8 @@ impl Default for LocConf {
             postgres_on_subscribe: NULL_STR,
             postgres_on_unsubscribe: NULL_STR,
             postgres_on_publish: NULL_STR,
+            subscriber_output_limit: NGX_CONF_UNSET_SIZE,
+            template: None,
         }
     }
 }
@@ -256,6 +267,13 @@ impl Merge for LocConf {
         merge_str(&mut self.postgres_on_subscribe, prev.postgres_on_subscribe, "");
         merge_str(&mut self.postgres_on_unsubscribe, prev.postgres_on_unsubscribe, "");
         merge_str(&mut self.postgres_on_publish, prev.postgres_on_publish, "");
+        merge(
+            &mut self.subscriber_output_limit,
+            prev.subscriber_output_limit,
+            NGX_CONF_UNSET_SIZE,
+            DEFAULT_OUTPUT_LIMIT,
+        );
+        self.template = Some(Template::parse(self.message_template.as_bytes()));
         Ok(())
     }
 }
@@ -330,6 +348,8 @@ pub enum Kind {
     Msec { positive: bool },
     /// A time in seconds, `time_t`.
     Sec { positive: bool },
+    /// A size (`64k`, `1m`), `usize`.
+    Size,
     /// A string, `ngx_str_t`.
     Str { nonempty: bool },
     /// A string with variables, `*mut ngx_http_complex_value_t`.
@@ -456,12 +476,12 @@ const STR_NONEMPTY: Kind = Kind::Str { nonempty: true };
 /// Every directive pgpush accepts: push-stream 0.6.0's, the fork's `*_request` hooks, and
 /// our `push_stream_postgres*`. README.md's directive reference must list each one (t/00).
 #[rustfmt::skip]
-pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 46] = [
+pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 47] = [
     /* locations and their role */
     loc!("push_stream_channels_statistics", NGX_CONF_NOARGS, channels_statistics, Custom(set_channels_statistics), NOT_YET),
-    loc!("push_stream_publisher", NGX_CONF_NOARGS | T1, publisher, Custom(set_publisher), NOT_YET),
-    loc!("push_stream_subscriber", NGX_CONF_NOARGS | T1, subscriber, Custom(set_subscriber), NOT_YET),
-    any_if!("push_stream_channels_path", T1, channels_path, Complex, NOT_YET),
+    loc!("push_stream_publisher", NGX_CONF_NOARGS | T1, publisher, Custom(set_publisher), READY),
+    loc!("push_stream_subscriber", NGX_CONF_NOARGS | T1, subscriber, Custom(set_subscriber), READY),
+    any_if!("push_stream_channels_path", T1, channels_path, Complex, READY),
 
     /* http-level settings */
     main!("push_stream_shared_memory_size", NGX_CONF_TAKE12, shared_memory_size, Custom(set_shared_memory_size), NOT_YET),
@@ -472,7 +492,7 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 46] = [
     main!("push_stream_message_ttl", T1, message_ttl, SEC_POS, NOT_YET),
     main!("push_stream_max_subscribers_per_channel", T1, max_subscribers_per_channel, NUM_POS, NOT_YET),
     main!("push_stream_max_messages_stored_per_channel", T1, max_messages_stored_per_channel, NUM_POS, NOT_YET),
-    main!("push_stream_max_channel_id_length", T1, max_channel_id_length, NUM_POS, NOT_YET),
+    main!("push_stream_max_channel_id_length", T1, max_channel_id_length, NUM_POS, READY),
     main!("push_stream_max_number_of_channels", T1, max_number_of_channels, NUM_POS, NOT_YET),
     main!("push_stream_max_number_of_wildcard_channels", T1, max_number_of_wildcard_channels, NUM_POS, NOT_YET),
     main!("push_stream_wildcard_channel_prefix", T1, wildcard_channel_prefix, STR, NOT_YET),
@@ -482,13 +502,14 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 46] = [
     any_if!("push_stream_store_messages", T1, store_messages, Flag, NOT_YET),
     any!("push_stream_channel_info_on_publish", T1, channel_info_on_publish, Flag, NOT_YET),
     any!("push_stream_authorized_channels_only", T1, authorized_channels_only, Flag, NOT_YET),
-    any!("push_stream_header_template_file", T1, header_template, Custom(set_header_template_file), NOT_YET),
-    any!("push_stream_header_template", T1, header_template, Custom(set_header_template), NOT_YET),
-    any!("push_stream_message_template", T1, message_template, STR_NONEMPTY, NOT_YET),
-    any!("push_stream_footer_template", T1, footer_template, STR, NOT_YET),
+    any!("push_stream_header_template_file", T1, header_template, Custom(set_header_template_file), READY),
+    any!("push_stream_header_template", T1, header_template, Custom(set_header_template), READY),
+    any!("push_stream_message_template", T1, message_template, STR_NONEMPTY, READY),
+    any!("push_stream_footer_template", T1, footer_template, STR, READY),
     any!("push_stream_wildcard_channel_max_qtd", T1, wildcard_channel_max_qtd, NUM_POS, NOT_YET),
-    any!("push_stream_ping_message_interval", T1, ping_message_interval, MSEC_POS, NOT_YET),
-    any!("push_stream_subscriber_connection_ttl", T1, subscriber_connection_ttl, MSEC_POS, NOT_YET),
+    any!("push_stream_ping_message_interval", T1, ping_message_interval, MSEC_POS, READY),
+    any!("push_stream_subscriber_connection_ttl", T1, subscriber_connection_ttl, MSEC_POS, READY),
+    any!("push_stream_subscriber_output_limit", T1, subscriber_output_limit, Kind::Size, READY),
     any!("push_stream_longpolling_connection_ttl", T1, longpolling_connection_ttl, MSEC_POS, NOT_YET),
     any!("push_stream_websocket_allow_publish", T1, websocket_allow_publish, Flag, NOT_YET),
     any_if!("push_stream_last_received_message_time", T1, last_received_message_time, Complex, NOT_YET),
@@ -506,7 +527,7 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 46] = [
 
     /* PostgreSQL */
     main!("push_stream_postgres", T1, postgres, Custom(set_postgres), READY),
-    main!("push_stream_postgres_channel_prefix", T1, postgres_channel_prefix, Custom(set_postgres_channel_prefix), NOT_YET),
+    main!("push_stream_postgres_channel_prefix", T1, postgres_channel_prefix, Custom(set_postgres_channel_prefix), READY),
     main!("push_stream_postgres_reconnect", NGX_CONF_TAKE2, postgres_reconnect, Custom(set_postgres_reconnect), READY),
     any!("push_stream_postgres_on_subscribe", T1, postgres_on_subscribe, STR_NONEMPTY, NOT_YET),
     any!("push_stream_postgres_on_unsubscribe", T1, postgres_on_unsubscribe, STR_NONEMPTY, NOT_YET),
@@ -589,6 +610,7 @@ fn set_value(
         Kind::Num { .. } => nginx_sys::ngx_conf_set_num_slot,
         Kind::Msec { .. } => nginx_sys::ngx_conf_set_msec_slot,
         Kind::Sec { .. } => nginx_sys::ngx_conf_set_sec_slot,
+        Kind::Size => nginx_sys::ngx_conf_set_size_slot,
         Kind::Str { .. } => nginx_sys::ngx_conf_set_str_slot,
         Kind::Complex => nginx_sys::ngx_http_set_complex_value_slot,
         Kind::Custom(f) => {
@@ -614,10 +636,11 @@ fn set_value(
         });
     }
 
-    // SAFETY: as above; Num/Msec/Sec fields are all machine words
+    // SAFETY: as above; Num/Msec/Sec/Size fields are all machine words
     let field = unsafe { &*conf.cast::<u8>().add(cmd.offset).cast::<isize>() };
     let positive = match spec.kind {
         Kind::Num { positive } | Kind::Msec { positive } | Kind::Sec { positive } => positive,
+        Kind::Size => true,
         _ => false,
     };
     if positive && *field == 0 {
@@ -638,6 +661,7 @@ fn expected(kind: &Kind) -> &'static str {
             "it must be a time, e.g. \"500ms\", \"30s\", \"1m\""
         }
         Kind::Flag => "it must be \"on\" or \"off\"",
+        Kind::Size => "it must be a size, e.g. \"256k\"",
         _ => "it cannot be parsed",
     }
 }
@@ -712,7 +736,19 @@ fn set_subscriber(cf: &mut ngx_conf_t, field: *mut c_void) -> Result<(), ConfErr
         SubscriberMode::ACCEPTED,
         SubscriberMode::parse,
         SubscriberMode::default(),
-    )
+    )?;
+    // SAFETY: set_role just stored the mode in this field
+    let mode = unsafe { (*field.cast::<Option<SubscriberMode>>()).unwrap_or_default() };
+    if mode != SubscriberMode::WebSocket {
+        ngx_conf_log_error!(
+            NGX_LOG_WARN,
+            cf,
+            "\"push_stream_subscriber {}\" has no effect yet: only \"websocket\" is built, \
+             other modes answer 501",
+            mode.name()
+        );
+    }
+    set_handler(cf, crate::nginx::subscriber::handler)
 }
 
 fn set_publisher(cf: &mut ngx_conf_t, field: *mut c_void) -> Result<(), ConfError> {
@@ -723,7 +759,19 @@ fn set_publisher(cf: &mut ngx_conf_t, field: *mut c_void) -> Result<(), ConfErro
         PublisherMode::ACCEPTED,
         PublisherMode::parse,
         PublisherMode::default(),
-    )
+    )?;
+    set_handler(cf, crate::nginx::publisher::handler)
+}
+
+/// Makes this location's content ours.
+fn set_handler(
+    cf: &mut ngx_conf_t,
+    handler: extern "C" fn(*mut ngx_http_request_t) -> ngx_int_t,
+) -> Result<(), ConfError> {
+    use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule};
+    let clcf = NgxHttpCoreModule::location_conf_mut(cf).ok_or(ConfError::Logged)?;
+    clcf.handler = Some(handler);
+    Ok(())
 }
 
 fn set_channels_statistics(cf: &mut ngx_conf_t, field: *mut c_void) -> Result<(), ConfError> {

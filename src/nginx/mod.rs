@@ -4,6 +4,9 @@
 //! convert to an nginx status once.
 
 pub mod conf;
+mod http;
+mod publisher;
+mod subscriber;
 mod worker;
 
 use core::ffi::{c_char, c_void};
@@ -59,6 +62,13 @@ unsafe impl HttpModuleMainConf for HttpPgPushModule {
 
 unsafe impl HttpModuleLocationConf for HttpPgPushModule {
     type LocationConf = LocConf;
+}
+
+impl HttpPgPushModule {
+    /// This module's slot in `r->ctx`.
+    pub fn ctx_index() -> usize {
+        Self::module().ctx_index
+    }
 }
 
 impl HttpModule for HttpPgPushModule {

@@ -35,6 +35,14 @@ pub enum Event {
         relistened: bool,
     },
     Disconnected,
+    /// These channels are LISTENed (or will be on reconnect, while the database is down):
+    /// a subscriber waiting for them can be told it is subscribed.
+    Listening(Vec<String>),
+    /// The outcome of [`crate::postgres::Command::Publish`]es: committed, or why not.
+    Published {
+        ids: Vec<u64>,
+        error: Option<String>,
+    },
 }
 
 pub struct Bridge {

@@ -28,8 +28,17 @@ pub enum Command {
     /// LISTEN on a PostgreSQL channel (reference counting is the worker's job).
     Listen(String),
     Unlisten(String),
+    /// `pg_notify(channel, payload)`; answered by an [`Event::Published`] carrying `id`.
+    Publish {
+        id: u64,
+        channel: String,
+        payload: String,
+    },
     Stop,
 }
+
+/// One statement for a whole batch of publishes.
+const PUBLISH_SQL: &str = "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)";
 
 /// How often an idle connection proves it is alive; TCP keepalives cover the kernel side.
 const LIVENESS_INTERVAL: Duration = Duration::from_secs(30);
@@ -144,6 +153,65 @@ enum Outcome {
     Lost(String),
 }
 
+/// What the worker asked for, kept across connections.
+#[derive(Default)]
+struct Wanted {
+    /// Every channel with subscribers in the worker: LISTENed on each (re)connect.
+    channels: BTreeSet<String>,
+    /// LISTENs received during a connection attempt, acknowledged once it is decided.
+    unacked: Vec<String>,
+    /// Publishes received during a connection attempt.
+    held: Vec<(u64, String, String)>,
+}
+
+impl Wanted {
+    /// Applies a command while there is no connection; true on Stop. While `attempting`,
+    /// acknowledgements wait for the attempt's outcome.
+    fn apply_while_down(
+        &mut self,
+        cmd: Option<Command>,
+        attempting: bool,
+        bridge: &Bridge,
+    ) -> bool {
+        match cmd {
+            None | Some(Command::Stop) => return true,
+            Some(Command::Listen(ch)) => {
+                self.channels.insert(ch.clone());
+                if attempting {
+                    self.unacked.push(ch);
+                } else {
+                    // LISTENed on reconnect; nothing can be delivered before that anyway
+                    bridge.push(Event::Listening(vec![ch]));
+                }
+            }
+            Some(Command::Unlisten(ch)) => {
+                self.channels.remove(&ch);
+            }
+            Some(Command::Publish { id, channel, payload }) => {
+                if attempting {
+                    self.held.push((id, channel, payload));
+                } else {
+                    bridge.push(Event::Published { ids: vec![id], error: Some(DOWN.into()) });
+                }
+            }
+        }
+        false
+    }
+
+    /// A connection attempt failed: whoever waited for it is answered.
+    fn fail_attempt(&mut self, bridge: &Bridge) {
+        if !self.unacked.is_empty() {
+            bridge.push(Event::Listening(std::mem::take(&mut self.unacked)));
+        }
+        if !self.held.is_empty() {
+            let ids = self.held.drain(..).map(|(id, _, _)| id).collect();
+            bridge.push(Event::Published { ids, error: Some(DOWN.into()) });
+        }
+    }
+}
+
+const DOWN: &str = "the connection to PostgreSQL is down";
+
 async fn run(
     config: tokio_postgres::Config,
     reconnect: Reconnect,
@@ -153,15 +221,15 @@ async fn run(
     let target = conninfo::describe(&config);
     let seed = u64::from(std::process::id()) ^ now_nanos();
     let mut backoff = Backoff::new(reconnect, seed);
-    let mut channels: BTreeSet<String> = BTreeSet::new();
+    let mut wanted = Wanted::default();
     let mut ever_connected = false;
     let mut failures: u32 = 0;
 
     loop {
         let connected = tokio::select! {
             r = config.connect(NoTls) => r,
-            stop = drain_while_down(&mut rx, &mut channels) => {
-                if stop { return; }
+            cmd = rx.recv() => {
+                if wanted.apply_while_down(cmd, true, &bridge) { return; }
                 continue;
             }
         };
@@ -169,6 +237,7 @@ async fn run(
         let (client, mut connection) = match connected {
             Ok(c) => c,
             Err(e) => {
+                wanted.fail_attempt(&bridge);
                 failures += 1;
                 let delay = backoff.step();
                 if failures == 1 {
@@ -185,7 +254,7 @@ async fn run(
                     bridge
                         .log(Level::Debug, format!("connect() to {target} failed: {}", chain(&e)));
                 }
-                if sleep_or_stop(delay, &mut rx, &mut channels).await {
+                if sleep_or_stop(delay, &mut rx, &mut wanted, &bridge).await {
                     return;
                 }
                 continue;
@@ -211,34 +280,55 @@ async fn run(
             }
         });
 
-        let relisten = listen_sql("LISTEN", channels.iter());
-        let setup =
-            if relisten.is_empty() { Ok(()) } else { client.batch_execute(&relisten).await };
-        if let Err(e) = setup {
-            driver.abort();
-            bridge.log(Level::Error, format!("LISTEN on postgres {target} failed: {}", chain(&e)));
-            if sleep_or_stop(backoff.step(), &mut rx, &mut channels).await {
-                return;
+        let relisten = listen_sql("LISTEN", wanted.channels.iter());
+        let setup = async {
+            if !relisten.is_empty() {
+                client.batch_execute(&relisten).await?;
             }
-            continue;
-        }
+            client.prepare(PUBLISH_SQL).await
+        };
+        let publish = match setup.await {
+            Ok(stmt) => stmt,
+            Err(e) => {
+                driver.abort();
+                wanted.fail_attempt(&bridge);
+                bridge.log(
+                    Level::Error,
+                    format!("LISTEN on postgres {target} failed: {}", chain(&e)),
+                );
+                if sleep_or_stop(backoff.step(), &mut rx, &mut wanted, &bridge).await {
+                    return;
+                }
+                continue;
+            }
+        };
 
         if failures > 0 || ever_connected {
             bridge.log(
                 Level::Notice,
                 format!(
                     "reconnected to postgres {target}, listening on {} channel(s)",
-                    channels.len()
+                    wanted.channels.len()
                 ),
             );
         } else {
             bridge.log(Level::Notice, format!("connected to postgres {target}"));
         }
         bridge.push(Event::Connected { relistened: ever_connected });
+        if !wanted.unacked.is_empty() {
+            bridge.push(Event::Listening(std::mem::take(&mut wanted.unacked)));
+        }
         ever_connected = true;
         backoff.reset();
 
-        let outcome = serve(&client, &mut driver, &mut rx, &mut channels).await;
+        let held = std::mem::take(&mut wanted.held);
+        let outcome = match publish_batch(&client, &publish, held, &bridge).await {
+            Err(why) => Outcome::Lost(why),
+            Ok(()) => {
+                let mut session = Session { client: &client, publish: &publish, bridge: &bridge };
+                session.serve(&mut driver, &mut rx, &mut wanted).await
+            }
+        };
         driver.abort();
         drop(client);
         match outcome {
@@ -251,7 +341,7 @@ async fn run(
                 bridge.push(Event::Disconnected);
                 // the outage is logged: further failed attempts go to the debug log
                 failures = 1;
-                if sleep_or_stop(backoff.step(), &mut rx, &mut channels).await {
+                if sleep_or_stop(backoff.step(), &mut rx, &mut wanted, &bridge).await {
                     return;
                 }
             }
@@ -259,62 +349,135 @@ async fn run(
     }
 }
 
-/// Runs commands on a live connection until it is lost or the worker stops.
-async fn serve(
-    client: &tokio_postgres::Client,
-    driver: &mut tokio::task::JoinHandle<String>,
-    rx: &mut mpsc::UnboundedReceiver<Command>,
-    channels: &mut BTreeSet<String>,
-) -> Outcome {
-    let mut tick = tokio::time::interval(LIVENESS_INTERVAL);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            why = &mut *driver => {
-                return Outcome::Lost(why.unwrap_or_else(|e| e.to_string()));
-            }
-            cmd = rx.recv() => {
-                let Some(cmd) = cmd else { return Outcome::Stop };
-                // take whatever else is queued: one round trip for a burst of (un)subscribes
-                let mut batch = vec![cmd];
-                while let Ok(c) = rx.try_recv() {
-                    batch.push(c);
+/// A live connection.
+struct Session<'a> {
+    client: &'a tokio_postgres::Client,
+    publish: &'a tokio_postgres::Statement,
+    bridge: &'a Bridge,
+}
+
+impl Session<'_> {
+    /// Runs commands until the connection is lost or the worker stops.
+    async fn serve(
+        &mut self,
+        driver: &mut tokio::task::JoinHandle<String>,
+        rx: &mut mpsc::UnboundedReceiver<Command>,
+        wanted: &mut Wanted,
+    ) -> Outcome {
+        let mut tick = tokio::time::interval(LIVENESS_INTERVAL);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                why = &mut *driver => {
+                    return Outcome::Lost(why.unwrap_or_else(|e| e.to_string()));
                 }
-                let mut sql = String::new();
-                let mut stop = false;
-                for c in batch {
-                    match c {
-                        Command::Listen(ch) => {
-                            if channels.insert(ch.clone()) {
-                                sql.push_str(&listen_sql("LISTEN", [&ch].into_iter()));
-                            }
-                        }
-                        Command::Unlisten(ch) => {
-                            if channels.remove(&ch) {
-                                sql.push_str(&listen_sql("UNLISTEN", [&ch].into_iter()));
-                            }
-                        }
-                        Command::Stop => stop = true,
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { return Outcome::Stop };
+                    // whatever else is queued goes in the same round trips
+                    let mut batch = vec![cmd];
+                    while let Ok(c) = rx.try_recv() {
+                        batch.push(c);
+                    }
+                    match self.run_batch(batch, wanted).await {
+                        Ok(true) => return Outcome::Stop,
+                        Ok(false) => {}
+                        Err(why) => return Outcome::Lost(why),
                     }
                 }
-                if !sql.is_empty() {
-                    if let Err(e) = client.batch_execute(&sql).await {
-                        return Outcome::Lost(format!("LISTEN/UNLISTEN failed: {}", chain(&e)));
+                _ = tick.tick() => {
+                    let alive = self.client.simple_query("");
+                    match tokio::time::timeout(LIVENESS_TIMEOUT, alive).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Outcome::Lost(chain(&e)),
+                        Err(_) => return Outcome::Lost(String::from("liveness check timed out")),
                     }
-                }
-                if stop {
-                    return Outcome::Stop;
-                }
-            }
-            _ = tick.tick() => {
-                match tokio::time::timeout(LIVENESS_TIMEOUT, client.simple_query("")).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return Outcome::Lost(chain(&e)),
-                    Err(_) => return Outcome::Lost(String::from("liveness check timed out")),
                 }
             }
         }
     }
+
+    /// One batch of commands: all (UN)LISTENs in one round trip, then the publishes.
+    /// Returns true on Stop.
+    async fn run_batch(
+        &mut self,
+        batch: Vec<Command>,
+        wanted: &mut Wanted,
+    ) -> Result<bool, String> {
+        let mut sql = String::new();
+        let mut listened = Vec::new();
+        let mut publishes = Vec::new();
+        let mut stop = false;
+        for c in batch {
+            match c {
+                Command::Listen(ch) => {
+                    if wanted.channels.insert(ch.clone()) {
+                        sql.push_str(&listen_sql("LISTEN", [&ch].into_iter()));
+                    }
+                    listened.push(ch);
+                }
+                Command::Unlisten(ch) => {
+                    if wanted.channels.remove(&ch) {
+                        sql.push_str(&listen_sql("UNLISTEN", [&ch].into_iter()));
+                    }
+                }
+                Command::Publish { id, channel, payload } => publishes.push((id, channel, payload)),
+                Command::Stop => stop = true,
+            }
+        }
+        if !sql.is_empty() {
+            if let Err(e) = self.client.batch_execute(&sql).await {
+                return Err(format!("LISTEN/UNLISTEN failed: {}", chain(&e)));
+            }
+        }
+        if !listened.is_empty() {
+            self.bridge.push(Event::Listening(listened));
+        }
+        publish_batch(self.client, self.publish, publishes, self.bridge).await?;
+        Ok(stop)
+    }
+}
+
+/// Sends publishes as few statements as possible; each statement is its own transaction.
+///
+/// PostgreSQL folds identical (channel, payload) pairs within one transaction into one
+/// notification, so a repeated pair starts a new statement. Errors of a statement are
+/// reported to its publishers; a lost connection is returned.
+async fn publish_batch(
+    client: &tokio_postgres::Client,
+    stmt: &tokio_postgres::Statement,
+    publishes: Vec<(u64, String, String)>,
+    bridge: &Bridge,
+) -> Result<(), String> {
+    for group in split_unique(publishes) {
+        let (ids, (channels, payloads)): (Vec<u64>, (Vec<String>, Vec<String>)) =
+            group.into_iter().map(|(id, c, p)| (id, (c, p))).unzip();
+        match client.execute(stmt, &[&channels, &payloads]).await {
+            Ok(_) => bridge.push(Event::Published { ids, error: None }),
+            Err(e) if e.is_closed() || e.as_db_error().is_none() => {
+                let why = chain(&e);
+                bridge.push(Event::Published { ids, error: Some(why.clone()) });
+                return Err(format!("pg_notify failed: {why}"));
+            }
+            Err(e) => bridge.push(Event::Published { ids, error: Some(chain(&e)) }),
+        }
+    }
+    Ok(())
+}
+
+/// Splits publishes, in order, into groups without a repeated (channel, payload) pair.
+pub fn split_unique(publishes: Vec<(u64, String, String)>) -> Vec<Vec<(u64, String, String)>> {
+    let mut groups: Vec<Vec<(u64, String, String)>> = Vec::new();
+    let mut seen: std::collections::HashSet<(String, String)> = Default::default();
+    for p in publishes {
+        let key = (p.1.clone(), p.2.clone());
+        if groups.is_empty() || seen.contains(&key) {
+            groups.push(Vec::new());
+            seen.clear();
+        }
+        seen.insert(key);
+        groups.last_mut().expect("a group").push(p);
+    }
+    groups
 }
 
 /// `LISTEN "a";LISTEN "b";` for the given channels.
@@ -329,35 +492,19 @@ pub fn listen_sql<'a>(verb: &str, channels: impl Iterator<Item = &'a String>) ->
     sql
 }
 
-/// Keeps the wanted LISTEN set current while there is no connection; true on Stop.
-async fn drain_while_down(
-    rx: &mut mpsc::UnboundedReceiver<Command>,
-    channels: &mut BTreeSet<String>,
-) -> bool {
-    match rx.recv().await {
-        None | Some(Command::Stop) => true,
-        Some(Command::Listen(ch)) => {
-            channels.insert(ch);
-            false
-        }
-        Some(Command::Unlisten(ch)) => {
-            channels.remove(&ch);
-            false
-        }
-    }
-}
-
+/// Waits out a backoff delay while keeping the wanted set current; true on Stop.
 async fn sleep_or_stop(
     delay: Duration,
     rx: &mut mpsc::UnboundedReceiver<Command>,
-    channels: &mut BTreeSet<String>,
+    wanted: &mut Wanted,
+    bridge: &Bridge,
 ) -> bool {
     let sleep = tokio::time::sleep(delay);
     tokio::pin!(sleep);
     loop {
         tokio::select! {
             _ = &mut sleep => return false,
-            stop = drain_while_down(rx, channels) => if stop { return true },
+            cmd = rx.recv() => if wanted.apply_while_down(cmd, false, bridge) { return true },
         }
     }
 }
@@ -410,6 +557,23 @@ mod tests {
             "LISTEN \"news\";LISTEN \"a\"\"b; DROP TABLE x\";"
         );
         assert_eq!(listen_sql("UNLISTEN", [].iter()), "");
+    }
+
+    #[test]
+    fn duplicate_publishes_go_to_separate_statements() {
+        let p = |id: u64, c: &str, m: &str| (id, c.to_string(), m.to_string());
+        let groups = split_unique(vec![
+            p(1, "a", "x"),
+            p(2, "b", "x"),
+            p(3, "a", "y"),
+            p(4, "a", "x"),
+            p(5, "a", "x"),
+            p(6, "b", "x"),
+        ]);
+        let ids: Vec<Vec<u64>> =
+            groups.iter().map(|g| g.iter().map(|(id, _, _)| *id).collect()).collect();
+        assert_eq!(ids, vec![vec![1, 2, 3], vec![4], vec![5, 6]]);
+        assert!(split_unique(Vec::new()).is_empty());
     }
 
     #[test]

@@ -1,0 +1,134 @@
+//! Small request helpers shared by the subscriber and publisher handlers.
+
+use core::ptr;
+
+use nginx_sys::{
+    ngx_buf_t, ngx_chain_t, ngx_http_complex_value_t, ngx_http_request_t, ngx_int_t, ngx_str_t,
+};
+use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf};
+
+use crate::nginx::conf::{LocConf, MainConf};
+use crate::nginx::HttpPgPushModule;
+
+pub const OK: ngx_int_t = nginx_sys::NGX_OK as ngx_int_t;
+pub const ERROR: ngx_int_t = nginx_sys::NGX_ERROR as ngx_int_t;
+pub const DONE: ngx_int_t = nginx_sys::NGX_DONE as ngx_int_t;
+
+/// push-stream's header for why a request was refused.
+pub const EXPLAIN: &str = "X-Nginx-PushStream-Explain";
+
+pub fn loc_conf(r: &ngx_http_request_t) -> &'static LocConf {
+    // SAFETY: our handlers only run in locations where this module's conf exists
+    let r = unsafe { ngx::http::Request::from_ngx_http_request(ptr::from_ref(r).cast_mut()) };
+    HttpPgPushModule::location_conf(r).expect("pgpush location conf")
+}
+
+pub fn main_conf(r: &ngx_http_request_t) -> &'static MainConf {
+    // SAFETY: as above
+    let r = unsafe { ngx::http::Request::from_ngx_http_request(ptr::from_ref(r).cast_mut()) };
+    HttpPgPushModule::main_conf(r).expect("pgpush main conf")
+}
+
+/// The first request header called `name` (case-insensitive).
+pub fn header_in<'a>(r: &'a ngx_http_request_t, name: &str) -> Option<&'a [u8]> {
+    // SAFETY: headers_in.headers is a list of ngx_table_elt_t for the request's life
+    let list = unsafe { ngx::http::list_iterator(&r.headers_in.headers) };
+    for (k, v) in list {
+        if k.as_bytes().eq_ignore_ascii_case(name.as_bytes()) {
+            return Some(v.as_bytes());
+        }
+    }
+    None
+}
+
+/// Adds a response header (allocated from the request pool).
+pub fn header_out(r: &mut ngx_http_request_t, name: &str, value: &str) -> Result<(), ()> {
+    // SAFETY: headers_out.headers is the request's list; the pool outlives it
+    let req = unsafe { ngx::http::Request::from_ngx_http_request(r) };
+    req.add_header_out(name, value).ok_or(())
+}
+
+/// Evaluates a complex value (such as `push_stream_channels_path $arg_id`).
+pub fn complex_value(
+    r: &mut ngx_http_request_t,
+    cv: *mut ngx_http_complex_value_t,
+) -> Option<Vec<u8>> {
+    if cv.is_null() {
+        return None;
+    }
+    let mut v = ngx_str_t { len: 0, data: ptr::null_mut() };
+    // SAFETY: cv was compiled at configuration time; v receives pool memory
+    if unsafe { nginx_sys::ngx_http_complex_value(r, cv, &mut v) } != 0 {
+        return None;
+    }
+    Some(v.as_bytes().to_vec())
+}
+
+/// A header-only answer with push-stream's explanation header, as its handlers give.
+pub fn send_explain(r: &mut ngx_http_request_t, status: u32, explain: &str) -> ngx_int_t {
+    r.headers_out.status = status as _;
+    r.headers_out.content_length_n = 0;
+    r.set_header_only(1);
+    if header_out(r, EXPLAIN, explain).is_err() {
+        return ERROR;
+    }
+    // SAFETY: a request being answered for the first time
+    unsafe { nginx_sys::ngx_http_send_header(r) }
+}
+
+/// `405` with the methods this location takes.
+pub fn send_not_allowed(r: &mut ngx_http_request_t, allow: &str) -> ngx_int_t {
+    r.headers_out.status = nginx_sys::NGX_HTTP_NOT_ALLOWED as _;
+    r.headers_out.content_length_n = 0;
+    r.set_header_only(1);
+    if header_out(r, "Allow", allow).is_err() {
+        return ERROR;
+    }
+    // SAFETY: as above
+    unsafe { nginx_sys::ngx_http_send_header(r) }
+}
+
+/// A complete response with a body copied into the request pool.
+pub fn send_body(
+    r: &mut ngx_http_request_t,
+    status: u32,
+    content_type: &'static str,
+    body: &[u8],
+) -> ngx_int_t {
+    r.headers_out.status = status as _;
+    r.headers_out.content_length_n = body.len() as _;
+    r.headers_out.content_type =
+        ngx_str_t { len: content_type.len(), data: content_type.as_ptr().cast_mut() };
+    r.headers_out.content_type_len = content_type.len();
+    // SAFETY: a request being answered for the first time
+    let rc = unsafe { nginx_sys::ngx_http_send_header(r) };
+    if rc == ERROR || rc > OK || r.header_only() != 0 {
+        return rc;
+    }
+    // SAFETY: the buffer lives in the request pool until the request is freed
+    unsafe {
+        let b = nginx_sys::ngx_create_temp_buf(r.pool, body.len().max(1));
+        if b.is_null() {
+            return ERROR;
+        }
+        let b: &mut ngx_buf_t = &mut *b;
+        ptr::copy_nonoverlapping(body.as_ptr(), b.last, body.len());
+        b.last = b.last.add(body.len());
+        b.set_last_buf(u32::from(ptr::eq(r, r.main)));
+        b.set_last_in_chain(1);
+        let mut out = ngx_chain_t { buf: b, next: ptr::null_mut() };
+        nginx_sys::ngx_http_output_filter(r, &mut out)
+    }
+}
+
+/// Finalizes a request from outside nginx's request handler (timers, the bridge), which
+/// also has to run what the finalization posted.
+pub fn finalize(r: *mut ngx_http_request_t, rc: ngx_int_t) {
+    // SAFETY: r is alive until this call; c stays readable afterwards (nginx's own
+    // handlers rely on c->destroyed the same way)
+    unsafe {
+        let c = (*r).connection;
+        nginx_sys::ngx_http_finalize_request(r, rc);
+        nginx_sys::ngx_http_run_posted_requests(c);
+    }
+}

@@ -1,0 +1,728 @@
+//! `push_stream_subscriber websocket`: one held request per WebSocket client.
+//!
+//! The handshake is answered only once every channel's LISTEN is confirmed, so a message
+//! published after the client sees `101` is never missed. Server frames are encoded once
+//! per message and shared by every subscriber (`Rc<[u8]>`); each subscriber queues them
+//! and writes with the connection's `send_chain`, so several queued frames leave in one
+//! `writev`. Client frames are read with tungstenite, created on the first read so that
+//! idle subscribers carry no read buffer.
+//!
+//! Output is bounded by `push_stream_subscriber_output_limit`: a subscriber that cannot
+//! keep up is closed with 1013 and an error-log line naming the channel.
+
+use core::ffi::c_void;
+use core::ptr::{self, NonNull};
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::rc::Rc;
+
+use nginx_sys::{
+    ngx_buf_t, ngx_chain_t, ngx_connection_t, ngx_event_t, ngx_http_core_loc_conf_t,
+    ngx_http_request_t, ngx_int_t, ngx_msec_t, ngx_str_t, NGX_HTTP_CLOSE, NGX_HTTP_GET,
+    NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_LOG_ERR, NGX_LOG_INFO,
+};
+use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule};
+use tungstenite::error::{Error as WsError, ProtocolError};
+use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
+use tungstenite::Message;
+
+use crate::config::values::SubscriberMode;
+use crate::nginx::conf::{LocConf, MainConf};
+use crate::nginx::http::{self, finalize, DONE, ERROR, OK};
+use crate::nginx::worker;
+use crate::protocol::channels::{self, Limits};
+use crate::protocol::template::Values;
+use crate::protocol::websocket::{self as ws, close, HandshakeRequest};
+
+/// How long a closing connection waits for the client's close frame.
+const CLOSE_TIMEOUT: ngx_msec_t = 5000;
+/// Read buffer of a client that sends frames.
+const READ_BUFFER: usize = 4096;
+/// At most this many queued frames per `send_chain` call.
+const IOV: usize = 64;
+
+/// A subscriber, as the hub and the worker's lists know it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SubKey(NonNull<Subscriber>);
+
+impl SubKey {
+    /// # Safety
+    /// Keys are removed from every list in the request's cleanup, before the subscriber
+    /// is freed, so a key that is still listed points at a live subscriber.
+    unsafe fn get<'a>(self) -> &'a mut Subscriber {
+        unsafe { &mut *self.0.as_ptr() }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Waiting for LISTEN confirmations before answering 101.
+    Handshake,
+    Open,
+    /// Our close frame is queued; waiting for the client's answer (or the timeout).
+    Closing {
+        answered: bool,
+    },
+    /// The client closed; our echo is queued.
+    ClosingPeer,
+    /// Finalize as soon as possible.
+    Dead,
+}
+
+pub struct Subscriber {
+    r: *mut ngx_http_request_t,
+    c: *mut ngx_connection_t,
+    lcf: &'static LocConf,
+    /// PostgreSQL channel names.
+    channels: Vec<String>,
+    accept: String,
+    /// A channel error to report in a 1008 close frame right after the 101.
+    refusal: Option<(u16, String)>,
+    waiting: usize,
+    state: State,
+    dirty: bool,
+    out: Output,
+    ws: Option<Box<WebSocketContext>>,
+    ping: ngx_event_t,
+    send_timeout: ngx_msec_t,
+    max_message: Option<usize>,
+}
+
+/* the content handler */
+
+pub extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: nginx passes the request being processed
+    let r = unsafe { &mut *r };
+    match subscribe(r) {
+        Ok(rc) | Err(rc) => rc,
+    }
+}
+
+fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
+    let lcf = http::loc_conf(r);
+    let mcf = http::main_conf(r);
+    if lcf.subscriber != Some(SubscriberMode::WebSocket) {
+        return Ok(nginx_sys::NGX_HTTP_NOT_IMPLEMENTED as ngx_int_t);
+    }
+    if r.method != NGX_HTTP_GET as usize {
+        return Ok(http::send_not_allowed(r, "GET"));
+    }
+    // SAFETY: the request is in its content phase
+    let rc = unsafe { nginx_sys::ngx_http_discard_request_body(r) };
+    if rc != OK {
+        return Ok(rc);
+    }
+
+    let hs = HandshakeRequest {
+        upgrade: http::header_in(r, "Upgrade"),
+        connection: http::header_in(r, "Connection"),
+        key: http::header_in(r, "Sec-WebSocket-Key"),
+        version: http::header_in(r, "Sec-WebSocket-Version"),
+    };
+    let accept = match ws::accept(&hs) {
+        Ok(a) => a,
+        Err(e) => return Ok(http::send_explain(r, 400, &e.to_string())),
+    };
+
+    let prefix = worker::with(|w| w.prefix.clone()).ok_or(err500())?;
+    let path = http::complex_value(r, lcf.channels_path).unwrap_or_default();
+    let limits =
+        Limits { max_id_length: MainConf::limit(mcf.max_channel_id_length), pg_prefix: &prefix };
+    let (channels, refusal) = match channels::parse_path(&path, limits) {
+        Ok(list) => (list.iter().map(|c| channels::pg_channel(&prefix, &c.id)).collect(), None),
+        Err(e) => (Vec::new(), Some((e.status(), e.to_string()))),
+    };
+
+    // SAFETY: the core module's location conf always exists
+    let clcf: &ngx_http_core_loc_conf_t = unsafe {
+        let req = ngx::http::Request::from_ngx_http_request(r);
+        NgxHttpCoreModule::location_conf(req).ok_or(err500())?
+    };
+    let max = clcf.client_max_body_size as usize;
+    let sub = Box::new(Subscriber {
+        r: ptr::from_mut(r),
+        c: r.connection,
+        lcf,
+        channels,
+        accept,
+        refusal,
+        waiting: 0,
+        state: State::Handshake,
+        dirty: false,
+        out: Output::default(),
+        ws: None,
+        // SAFETY: an all-zero event is nginx's own initial state
+        ping: unsafe { core::mem::zeroed() },
+        send_timeout: clcf.send_timeout,
+        max_message: (max > 0).then_some(max),
+    });
+
+    // SAFETY: the cleanup is allocated from the request pool and runs when it is freed
+    let cln = unsafe { nginx_sys::ngx_http_cleanup_add(r, 0) };
+    if cln.is_null() {
+        return Err(err500());
+    }
+    let raw = Box::into_raw(sub);
+    // SAFETY: cln is fresh; raw is ours until the cleanup takes it back
+    unsafe {
+        (*cln).handler = Some(cleanup);
+        (*cln).data = raw.cast();
+    }
+    // SAFETY: raw is non-null (from a Box)
+    let key = SubKey(unsafe { NonNull::new_unchecked(raw) });
+    // SAFETY: live until the cleanup
+    let sub = unsafe { key.get() };
+    sub.ping.data = raw.cast();
+    sub.ping.handler = Some(on_ping);
+    // SAFETY: c is the request's connection
+    sub.ping.log = unsafe { (*r.connection).log };
+    sub.ping.set_cancelable(1);
+
+    let waiting = worker::with(|w| sub.channels.iter().filter(|ch| w.subscribe(ch, key)).count())
+        .ok_or(err500())?;
+    sub.waiting = waiting;
+
+    // held until the connection ends; this handler's NGX_DONE returns one count
+    // SAFETY: r->main is the request itself
+    unsafe { (*r.main).set_count((*r.main).count() + 1) };
+    r.read_event_handler = Some(nginx_sys::ngx_http_test_reading);
+    if waiting == 0 && sub.open().is_err() {
+        // SAFETY: as above; nginx finalizes with the error we return
+        unsafe { (*r.main).set_count((*r.main).count() - 1) };
+        return Err(ERROR);
+    }
+    if sub.state == State::Dead {
+        // SAFETY: as above
+        unsafe { (*r.main).set_count((*r.main).count() - 1) };
+        return Err(NGX_HTTP_CLOSE as ngx_int_t);
+    }
+    Ok(DONE)
+}
+
+fn err500() -> ngx_int_t {
+    NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t
+}
+
+extern "C" fn cleanup(data: *mut c_void) {
+    // SAFETY: data is the Box leaked in subscribe(); cleanups run once
+    let mut sub = unsafe { Box::from_raw(data.cast::<Subscriber>()) };
+    let key = SubKey(NonNull::from(&mut *sub));
+    worker::with(|w| {
+        for ch in &sub.channels {
+            w.unsubscribe(ch, key);
+        }
+        w.forget(key);
+    });
+    if sub.ping.timer_set() != 0 {
+        // SAFETY: our own timer event
+        unsafe { nginx_sys::ngx_del_timer(&mut sub.ping) };
+    }
+}
+
+/* events */
+
+/// All LISTENs of a waiting subscriber are confirmed once `waiting` reaches zero.
+pub fn listen_confirmed(key: SubKey) {
+    // SAFETY: listed keys are live
+    let sub = unsafe { key.get() };
+    if sub.state != State::Handshake {
+        return;
+    }
+    sub.waiting = sub.waiting.saturating_sub(1);
+    if sub.waiting > 0 {
+        return;
+    }
+    if sub.open().is_err() {
+        sub.state = State::Dead;
+    }
+    sub.finish_if_done();
+}
+
+extern "C" fn on_read(r: *mut ngx_http_request_t) {
+    let Some(sub) = from_request(r) else { return };
+    // SAFETY: c is the live connection of a live request
+    let rev = unsafe { &mut *(*sub.c).read };
+    if rev.timedout() != 0 {
+        rev.set_timedout(0);
+        match sub.state {
+            // push_stream_subscriber_connection_ttl
+            State::Open => sub.start_close(close::NORMAL, ""),
+            _ => sub.state = State::Dead,
+        }
+    } else {
+        match sub.state {
+            State::Open => sub.read_frames(),
+            State::Closing { .. } => {
+                if sub.discard_input() {
+                    sub.state = State::Closing { answered: true };
+                }
+            }
+            _ => {
+                sub.discard_input();
+            }
+        }
+    }
+    sub.flush();
+    sub.finish_if_done();
+}
+
+extern "C" fn on_write(r: *mut ngx_http_request_t) {
+    let Some(sub) = from_request(r) else { return };
+    // SAFETY: as in on_read
+    let wev = unsafe { &mut *(*sub.c).write };
+    if wev.timedout() != 0 {
+        wev.set_timedout(0);
+        // SAFETY: c is live
+        unsafe { (*sub.c).set_timedout(1) };
+        ngx::ngx_log_error!(NGX_LOG_INFO, sub.log(), "pgpush: client timed out while sending");
+        sub.state = State::Dead;
+    } else {
+        sub.flush();
+    }
+    sub.finish_if_done();
+}
+
+extern "C" fn on_ping(ev: *mut ngx_event_t) {
+    // SAFETY: the ping event's data is its subscriber, alive while the timer is set
+    let sub = unsafe { &mut *(*ev).data.cast::<Subscriber>() };
+    if sub.state == State::Open {
+        sub.out.push(PING.with(Rc::clone));
+        sub.arm_ping();
+        sub.flush();
+    }
+    sub.finish_if_done();
+}
+
+fn from_request<'a>(r: *mut ngx_http_request_t) -> Option<&'a mut Subscriber> {
+    // SAFETY: ctx holds the subscriber from open() until the cleanup
+    unsafe {
+        let p = *(*r).ctx.add(crate::nginx::HttpPgPushModule::ctx_index());
+        p.cast::<Subscriber>().as_mut()
+    }
+}
+
+thread_local! {
+    static PING: Rc<[u8]> = Rc::from(&[0x89u8, 0x00][..]);
+}
+
+/// A NOTIFY arrived: every subscriber of `channel` in this worker gets it.
+pub fn deliver(channel: &str, payload: &str) {
+    let Some((n, keys, prefix_len)) = worker::with(|w| {
+        let prefix_len = w.prefix.len();
+        w.hub.message(channel).map(|(n, subs)| (n, subs.to_vec(), prefix_len))
+    })
+    .flatten() else {
+        return;
+    };
+    let id = channel.get(prefix_len..).unwrap_or(channel);
+    // SAFETY: nginx's cached time string is always set in a worker
+    let time = unsafe { ptr::addr_of!(nginx_sys::ngx_cached_http_time).read() };
+    // SAFETY: the string lives in nginx's time cache slots
+    let time = time.as_bytes();
+    let values = Values {
+        text: payload.as_bytes(),
+        channel: id,
+        id: n as i64,
+        time: core::str::from_utf8(time).unwrap_or_default(),
+        ..Values::default()
+    };
+    // frames by location template; the identity template is shared by all
+    let mut frames: Vec<(*const LocConf, Rc<[u8]>)> = Vec::with_capacity(1);
+    for key in keys {
+        // SAFETY: keys listed in the hub are live
+        let sub = unsafe { key.get() };
+        if !matches!(sub.state, State::Handshake | State::Open) {
+            continue;
+        }
+        let template = sub.lcf.template.as_ref();
+        let tkey: *const LocConf =
+            if template.map_or(true, |t| t.is_identity()) { ptr::null() } else { sub.lcf };
+        let frame = match frames.iter().find(|(k, _)| *k == tkey) {
+            Some((_, f)) => f.clone(),
+            None => {
+                let mut text = Vec::new();
+                let body = match template {
+                    Some(t) if !t.is_identity() => {
+                        t.render(&values, &mut text);
+                        &text[..]
+                    }
+                    _ => payload.as_bytes(),
+                };
+                let mut buf = Vec::with_capacity(body.len() + 10);
+                ws::encode(ws::OP_TEXT, body, &mut buf);
+                let f: Rc<[u8]> = Rc::from(buf);
+                frames.push((tkey, f.clone()));
+                f
+            }
+        };
+        sub.out.push(frame);
+        if sub.out.bytes > sub.lcf.subscriber_output_limit {
+            ngx::ngx_log_error!(
+                NGX_LOG_ERR,
+                sub.log(),
+                "pgpush: subscriber too slow, closing it with 1013: {} bytes unsent exceed \
+                 push_stream_subscriber_output_limit {}, channel \"{}\"",
+                sub.out.bytes,
+                sub.lcf.subscriber_output_limit,
+                id
+            );
+            sub.out.drop_unsent();
+            sub.start_close(close::TRY_AGAIN_LATER, "Subscriber too slow");
+        }
+        if !sub.dirty {
+            sub.dirty = true;
+            worker::with(|w| w.mark_dirty(key));
+        }
+    }
+}
+
+/// Writes what deliveries queued; called once per batch.
+pub fn flush_dirty(key: SubKey) {
+    // SAFETY: listed keys are live
+    let sub = unsafe { key.get() };
+    sub.dirty = false;
+    sub.flush();
+    sub.finish_if_done();
+}
+
+/// The worker is shutting down: a subscriber gets its footer and 1001, then is closed.
+pub fn going_away(key: SubKey) {
+    // SAFETY: listed keys are live
+    let sub = unsafe { key.get() };
+    if sub.state == State::Open {
+        sub.start_close(close::GOING_AWAY, "");
+        sub.flush();
+    }
+    sub.state = State::Dead;
+    sub.finish_if_done();
+}
+
+impl Subscriber {
+    fn log(&self) -> *mut nginx_sys::ngx_log_t {
+        // SAFETY: c is live while the subscriber is
+        unsafe { (*self.c).log }
+    }
+
+    /// Answers 101 and starts the WebSocket session.
+    fn open(&mut self) -> Result<(), ()> {
+        // SAFETY: the request is alive and its header not sent yet
+        let r = unsafe { &mut *self.r };
+        r.headers_out.status = nginx_sys::NGX_HTTP_SWITCHING_PROTOCOLS as _;
+        const LINE: &str = "101 Switching Protocols";
+        r.headers_out.status_line = ngx_str_t { len: LINE.len(), data: LINE.as_ptr().cast_mut() };
+        r.set_keepalive(0);
+        http::header_out(r, "Upgrade", "websocket")?;
+        http::header_out(r, "Sec-WebSocket-Accept", &self.accept)?;
+        if let Some((_, explain)) = &self.refusal {
+            http::header_out(r, http::EXPLAIN, explain)?;
+        }
+        // SAFETY: the ctx slot of this module; the cleanup outlives every event
+        unsafe {
+            *r.ctx.add(crate::nginx::HttpPgPushModule::ctx_index()) = ptr::from_mut(self).cast()
+        };
+        // SAFETY: the header is sent once
+        let rc = unsafe { nginx_sys::ngx_http_send_header(r) };
+        if rc == ERROR || rc > OK {
+            return Err(());
+        }
+        // SAFETY: pushes the buffered header out
+        if unsafe { nginx_sys::ngx_http_send_special(r, nginx_sys::NGX_HTTP_FLUSH as _) } == ERROR {
+            return Err(());
+        }
+        r.read_event_handler = Some(on_read);
+        r.write_event_handler = Some(on_write);
+        self.state = State::Open;
+
+        if let Some((status, explain)) = self.refusal.take() {
+            self.start_close(close::POLICY, &ws::channel_error_reason(status, &explain));
+            self.flush();
+            return Ok(());
+        }
+        let header = self.lcf.header_template.as_bytes();
+        if !header.is_empty() {
+            self.push_text(header);
+        }
+        self.arm_ping();
+        if self.lcf.subscriber_connection_ttl != nginx_sys::NGX_CONF_UNSET as ngx_msec_t {
+            // SAFETY: the connection's read timer is ours after the handshake
+            unsafe { nginx_sys::ngx_add_timer((*self.c).read, self.lcf.subscriber_connection_ttl) };
+        }
+        self.flush();
+        // frames the client sent right behind its handshake
+        // SAFETY: c is live
+        if unsafe { (*(*self.c).read).ready() } != 0 {
+            self.read_frames();
+            self.flush();
+        }
+        Ok(())
+    }
+
+    fn arm_ping(&mut self) {
+        let every = self.lcf.ping_message_interval;
+        if every != nginx_sys::NGX_CONF_UNSET as ngx_msec_t && every > 0 {
+            // SAFETY: our own timer event, deleted in the cleanup
+            unsafe { nginx_sys::ngx_add_timer(&mut self.ping, every) };
+        }
+    }
+
+    fn push_text(&mut self, text: &[u8]) {
+        let mut buf = Vec::with_capacity(text.len() + 10);
+        ws::encode(ws::OP_TEXT, text, &mut buf);
+        self.out.push(Rc::from(buf));
+    }
+
+    /// Starts the closing handshake: footer, close frame, then wait for the client.
+    fn start_close(&mut self, code: u16, reason: &str) {
+        if self.state != State::Open {
+            return;
+        }
+        let footer = self.lcf.footer_template.as_bytes();
+        if !footer.is_empty() {
+            self.push_text(footer);
+        }
+        let mut buf = Vec::new();
+        ws::encode_close(code, reason, &mut buf);
+        self.out.push(Rc::from(buf));
+        self.state = State::Closing { answered: false };
+        // SAFETY: the read timer now bounds the closing handshake
+        unsafe { nginx_sys::ngx_add_timer((*self.c).read, CLOSE_TIMEOUT) };
+    }
+
+    /// Reads client frames until the socket is drained.
+    fn read_frames(&mut self) {
+        let max = self.max_message;
+        let ctx = self.ws.get_or_insert_with(|| {
+            let config = WebSocketConfig::default()
+                .read_buffer_size(READ_BUFFER)
+                .write_buffer_size(0)
+                .max_message_size(max)
+                .max_frame_size(max);
+            Box::new(WebSocketContext::new(Role::Server, Some(config)))
+        });
+        let mut io = Io { c: self.c, out: &mut self.out };
+        let next = loop {
+            match ctx.read(&mut io) {
+                // publishing from WebSocket clients comes with websocket_allow_publish
+                Ok(Message::Close(_)) => {
+                    // queues the echo of the client's code
+                    let _ = ctx.flush(&mut io);
+                    break Ok(State::ClosingPeer);
+                }
+                Ok(_) => continue,
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    break Ok(State::Open);
+                }
+                Err(
+                    WsError::Io(_)
+                    | WsError::ConnectionClosed
+                    | WsError::AlreadyClosed
+                    | WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake),
+                ) => break Ok(State::Dead),
+                Err(e) => {
+                    let code = match e {
+                        WsError::Utf8(_) => close::INVALID_DATA,
+                        WsError::Capacity(_) => close::TOO_BIG,
+                        _ => close::PROTOCOL,
+                    };
+                    break Err((code, e.to_string()));
+                }
+            }
+        };
+        match next {
+            Ok(State::Open) => {}
+            Ok(state) => {
+                self.ws = None;
+                self.state = state;
+            }
+            Err((code, reason)) => {
+                self.ws = None;
+                self.start_close(code, &reason);
+            }
+        }
+    }
+
+    /// Reads and drops input while closing; true if anything (or EOF) arrived.
+    fn discard_input(&mut self) -> bool {
+        let mut buf = [0u8; 1024];
+        let mut got = false;
+        loop {
+            let mut io = Io { c: self.c, out: &mut self.out };
+            match io.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => got = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return got,
+                Err(_) => {
+                    self.state = State::Dead;
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// Writes queued output; arms the write event and `send_timeout` if some is left.
+    fn flush(&mut self) {
+        if matches!(self.state, State::Dead | State::Handshake) {
+            return;
+        }
+        if self.write_out().is_err() {
+            self.state = State::Dead;
+            return;
+        }
+        // SAFETY: c and its write event are live
+        unsafe {
+            let wev = (*self.c).write;
+            let pending = !self.out.is_empty() || !(*self.r).out.is_null();
+            if pending {
+                if nginx_sys::ngx_handle_write_event(wev, 0) != OK {
+                    self.state = State::Dead;
+                    return;
+                }
+                if (*wev).timer_set() == 0 {
+                    nginx_sys::ngx_add_timer(wev, self.send_timeout);
+                }
+            } else if (*wev).timer_set() != 0 {
+                nginx_sys::ngx_del_timer(wev);
+            }
+        }
+    }
+
+    fn write_out(&mut self) -> Result<(), ()> {
+        let c = self.c;
+        // SAFETY: r and c are live; bufs and links live on this stack frame only
+        unsafe {
+            let r = &mut *self.r;
+            if !r.out.is_null() {
+                // the 101 header is still in nginx's write filter
+                if nginx_sys::ngx_http_output_filter(r, ptr::null_mut()) == ERROR {
+                    return Err(());
+                }
+                if !r.out.is_null() {
+                    return Ok(());
+                }
+            }
+            let send_chain = (*c).send_chain.ok_or(())?;
+            while !self.out.is_empty() && (*(*c).write).ready() != 0 {
+                let mut bufs: [ngx_buf_t; IOV] = core::mem::zeroed();
+                let mut links: [ngx_chain_t; IOV] = core::mem::zeroed();
+                let mut n = 0;
+                for (i, chunk) in self.out.chunks.iter().take(IOV).enumerate() {
+                    let data = if i == 0 { &chunk[self.out.head..] } else { &chunk[..] };
+                    let b = &mut bufs[i];
+                    b.start = data.as_ptr().cast_mut();
+                    b.pos = b.start;
+                    b.last = b.start.add(data.len());
+                    b.end = b.last;
+                    b.set_memory(1);
+                    links[i].buf = b;
+                    n = i + 1;
+                }
+                for i in 1..n {
+                    links[i - 1].next = &mut links[i];
+                }
+                let before = (*c).sent;
+                let rest = send_chain(c, links.as_mut_ptr(), 0);
+                if rest as isize == nginx_sys::NGX_ERROR as isize {
+                    (*c).set_error(1);
+                    return Err(());
+                }
+                self.out.consume(((*c).sent - before) as usize);
+                if !rest.is_null() && (*(*c).write).ready() == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Finalizes the request once the connection has nothing left to do. The subscriber
+    /// is freed by the cleanup: nothing may touch `self` afterwards.
+    fn finish_if_done(&mut self) {
+        let idle = self.out.is_empty();
+        let done = match self.state {
+            State::Dead => true,
+            State::ClosingPeer => idle,
+            State::Closing { answered } => answered && idle,
+            State::Handshake | State::Open => false,
+        };
+        if done {
+            finalize(self.r, NGX_HTTP_CLOSE as ngx_int_t);
+        }
+    }
+}
+
+/// The nginx connection as tungstenite's stream: reads go to the socket, writes (pongs,
+/// close echoes) join the subscriber's output queue in order.
+struct Io<'a> {
+    c: *mut ngx_connection_t,
+    out: &'a mut Output,
+}
+
+impl Read for Io<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: c is live; recv writes at most buf.len() bytes
+        let n = unsafe {
+            let recv = (*self.c).recv.ok_or(io::ErrorKind::Unsupported)?;
+            recv(self.c, buf.as_mut_ptr(), buf.len())
+        };
+        match n {
+            n if n >= 0 => Ok(n as usize),
+            n if n == nginx_sys::NGX_AGAIN as isize => Err(io::ErrorKind::WouldBlock.into()),
+            _ => Err(io::ErrorKind::ConnectionReset.into()),
+        }
+    }
+}
+
+impl Write for Io<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.push(Rc::from(buf));
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A subscriber's unsent frames.
+#[derive(Default)]
+struct Output {
+    chunks: VecDeque<Rc<[u8]>>,
+    /// Bytes of the front chunk already sent.
+    head: usize,
+    bytes: usize,
+}
+
+impl Output {
+    fn push(&mut self, chunk: Rc<[u8]>) {
+        self.bytes += chunk.len();
+        self.chunks.push_back(chunk);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    fn consume(&mut self, mut n: usize) {
+        self.bytes -= n;
+        while n > 0 {
+            let left = self.chunks[0].len() - self.head;
+            if n < left {
+                self.head += n;
+                return;
+            }
+            n -= left;
+            self.chunks.pop_front();
+            self.head = 0;
+        }
+        while self.chunks.front().is_some_and(|c| c.is_empty()) {
+            self.chunks.pop_front();
+        }
+    }
+
+    /// Drops every frame not started yet (a started one must be finished).
+    fn drop_unsent(&mut self) {
+        let keep = usize::from(self.head > 0);
+        self.chunks.truncate(keep);
+        self.bytes = self.chunks.front().map_or(0, |c| c.len() - self.head);
+    }
+}
