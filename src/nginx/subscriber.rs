@@ -121,7 +121,11 @@ fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
     };
     let accept = match ws::accept(&hs) {
         Ok(a) => a,
-        Err(e) => return Ok(http::send_explain(r, 400, &e.to_string())),
+        Err(e) => {
+            // a client that asked for an upgrade will not reuse this connection
+            r.set_keepalive(0);
+            return Ok(http::send_explain(r, 400, &e.to_string()));
+        }
     };
 
     let prefix = worker::with(|w| w.prefix.clone()).ok_or(err500())?;

@@ -1,0 +1,280 @@
+#!/usr/bin/perl
+
+# The WebSocket side of a subscriber, RFC 6455 as a client sees it: the handshake and
+# push-stream's refusals, masked and fragmented client frames, UTF-8 and size limits with
+# their close codes, ping/pong both ways, the close handshake, header and footer templates,
+# the connection ttl, channel errors reported after the 101, and the close frame sent when
+# nginx stops. One worker without PostgreSQL: the publisher delivers in the worker.
+
+use warnings;
+use strict;
+
+use Test::More;
+use Time::HiRes qw/ sleep /;
+
+BEGIN { use FindBin; chdir($FindBin::Bin); }
+
+BEGIN { push @INC, "$FindBin::Bin/lib"; }
+use Test::Nginx;
+use PgPush::WS;
+
+###############################################################################
+
+select STDERR; $| = 1;
+select STDOUT; $| = 1;
+
+my $t = Test::Nginx->new()->has(qw/http/)->plan(44);
+
+$t->write_file_expand('nginx.conf', <<'EOF');
+
+%%TEST_GLOBALS%%
+
+daemon off;
+worker_processes 1;
+
+events {
+}
+
+http {
+    %%TEST_GLOBALS_HTTP%%
+
+    server {
+        listen       127.0.0.1:8080;
+        server_name  localhost;
+
+        location /ws {
+            push_stream_subscriber websocket;
+            push_stream_channels_path $arg_id;
+            client_max_body_size 1k;
+        }
+
+        location /templated {
+            push_stream_subscriber websocket;
+            push_stream_channels_path $arg_id;
+            push_stream_header_template "HEADER";
+            push_stream_footer_template "FOOTER";
+            push_stream_message_template "[~channel~:~id~:~size~] ~text~";
+            push_stream_ping_message_interval 500ms;
+            push_stream_subscriber_connection_ttl 2s;
+        }
+
+        location /streaming {
+            push_stream_subscriber;
+            push_stream_channels_path $arg_id;
+        }
+
+        location /pub {
+            push_stream_publisher;
+            push_stream_channels_path $arg_id;
+        }
+    }
+}
+
+EOF
+
+$t->run();
+
+###############################################################################
+
+# the handshake
+
+my $ws = PgPush::WS->connect('/ws?id=hs');
+is($ws->{status}, 101, 'version 13 handshake');
+like($ws->{response}, qr/^Upgrade: websocket\r?$/mi, 'Upgrade header');
+like($ws->{response}, qr/^Connection: upgrade\r?$/mi, 'Connection header');
+undef $ws;
+
+my $r = http(<<EOR);
+GET /ws?id=hs HTTP/1.1
+Host: localhost
+Connection: close
+
+EOR
+like($r, qr/^HTTP\/1\.1 400/, 'plain GET refused');
+like($r, qr/X-Nginx-PushStream-Explain: Don't have at least one of the mandatory headers/,
+	'plain GET explained as push-stream does');
+
+$r = http(<<EOR);
+GET /ws?id=hs HTTP/1.1
+Host: localhost
+Connection: Upgrade
+Upgrade: websocket
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==
+Sec-WebSocket-Version: 8
+
+EOR
+like($r, qr/^HTTP\/1\.1 400/, 'version 8 refused');
+like($r, qr/X-Nginx-PushStream-Explain: Version not supported\. Supported versions: 13/,
+	'version explained');
+
+$r = http(<<EOR);
+POST /ws?id=hs HTTP/1.1
+Host: localhost
+Connection: close
+Content-Length: 0
+
+EOR
+like($r, qr/^HTTP\/1\.1 405.*^Allow: GET/ms, 'POST to a subscriber: 405 with Allow');
+
+like(http_get('/streaming?id=x'), qr/^HTTP\/1\.1 501/, 'modes not built yet answer 501');
+
+# channel errors come after the 101, as a 1008 close frame carrying push-stream's JSON
+$ws = PgPush::WS->connect('/ws?id=');
+is($ws->{status}, 101, 'no channel: still 101');
+my ($code, $reason) = PgPush::WS->close_status($ws->read_frame(3));
+is($code, 1008, 'no channel: close 1008');
+is($reason, '{"http_status": 400, "explain":"No channel id provided."}', 'no channel: reason');
+is($ws->header('X-Nginx-PushStream-Explain'), 'No channel id provided.',
+	'no channel: explained in a header too');
+
+###############################################################################
+
+# delivery and client frames
+
+$ws = PgPush::WS->connect('/ws?id=frames');
+publish('frames', 'first');
+is(payload($ws), 'first', 'text frame delivered');
+
+$ws->ping('are you there');
+my $f = $ws->read_frame(3);
+is($f->{opcode}, 10, 'ping answered with pong');
+is($f->{payload}, 'are you there', 'pong echoes the payload');
+
+$ws->raw(PgPush::WS->frame(opcode => 1, payload => 'frag', fin => 0)
+	. PgPush::WS->frame(opcode => 9, payload => 'mid')
+	. PgPush::WS->frame(opcode => 0, payload => 'men', fin => 0)
+	. PgPush::WS->frame(opcode => 0, payload => 'ted', fin => 1));
+$f = $ws->read_frame(3);
+is($f->{opcode}, 10, 'control frame between fragments answered');
+publish('frames', 'after fragments');
+is(payload($ws), 'after fragments', 'fragmented message accepted, connection alive');
+
+$ws->send_binary("\x00\x01\x02");
+publish('frames', 'after binary');
+is(payload($ws), 'after binary', 'binary client message ignored without error');
+
+$ws->close(1000, 'bye');
+($code, $reason) = PgPush::WS->close_status($ws->read_frame(3));
+is($code, 1000, 'close handshake: code echoed');
+is($reason, 'bye', 'close handshake: reason echoed');
+ok($ws->eof(3), 'server closed the TCP connection after the close handshake');
+
+$ws = PgPush::WS->connect('/ws?id=frames');
+$ws->close(4001);
+($code) = PgPush::WS->close_status($ws->read_frame(3));
+is($code, 4001, 'application close code echoed');
+
+# protocol errors, each with its code
+is(fail_code(PgPush::WS->frame(opcode => 1, payload => 'plain', mask => 0)), 1002,
+	'unmasked client frame: 1002');
+is(fail_code(PgPush::WS->frame(opcode => 1, payload => "bad \xff\xfe utf8")), 1007,
+	'invalid UTF-8 in a text message: 1007');
+is(fail_code(PgPush::WS->frame(opcode => 1, payload => "\xc3", fin => 0)
+	. PgPush::WS->frame(opcode => 0, payload => "\x28")), 1007,
+	'invalid UTF-8 across fragments: 1007');
+is(fail_code(PgPush::WS->frame(opcode => 1, payload => 'x' x 2048)), 1009,
+	'message over client_max_body_size: 1009');
+is(fail_code(PgPush::WS->frame(opcode => 0, payload => 'orphan')), 1002,
+	'continuation without a start: 1002');
+is(fail_code(PgPush::WS->frame(opcode => 3, payload => 'x')), 1002, 'reserved opcode: 1002');
+is(fail_code(PgPush::WS->frame(opcode => 9, payload => 'p', fin => 0)), 1002,
+	'fragmented control frame: 1002');
+is(fail_code(PgPush::WS->frame(opcode => 1, payload => 'x', rsv => 4)), 1002,
+	'reserved bit set: 1002');
+is(fail_code(PgPush::WS->frame(opcode => 9, payload => 'p' x 126)), 1002,
+	'control frame over 125 bytes: 1002');
+
+###############################################################################
+
+# templates, pings and the connection ttl
+
+$ws = PgPush::WS->connect('/templated?id=tpl');
+is(payload($ws), 'HEADER', 'header template first');
+publish('tpl', 'one');
+publish('tpl', 'twenty');
+is(payload($ws), '[tpl:1:3] one', 'message template, first message');
+is(payload($ws), '[tpl:2:6] twenty', 'message template, second message');
+
+my ($pings, $footer, $close) = (0, undef, undef);
+while (my $m = $ws->read_message(4)) {
+	$pings++ if $m->{opcode} == 9;
+	$footer = $m->{payload} if $m->{opcode} == 1;
+	if ($m->{opcode} == 8) {
+		$close = $m;
+		last;
+	}
+}
+cmp_ok($pings, '>=', 2, 'server pings every ping_message_interval');
+is($footer, 'FOOTER', 'footer template before the close at the ttl');
+($code) = PgPush::WS->close_status($close);
+is($code, 1000, 'connection ttl: normal close');
+$ws->close(1000);
+ok($ws->eof(3), 'closed after the ttl');
+
+###############################################################################
+
+# several channels on one connection
+
+$ws = PgPush::WS->connect('/ws?id=left/right.b2');
+publish('left', 'L');
+publish('right', 'R');
+publish('elsewhere', 'X');
+is(payload($ws), 'L', 'two channels: first');
+is(payload($ws), 'R', 'two channels: second');
+publish('left', 'L2');
+is(payload($ws), 'L2', 'no message of another channel');
+
+###############################################################################
+
+# nginx stops: held subscribers get a close frame
+
+my $held = PgPush::WS->connect('/templated?id=bye');
+is(payload($held), 'HEADER', 'held subscriber ready');
+$t->stop();
+my $last;
+while (my $m = $held->read_message(3)) {
+	$last = $m;
+	last if $m->{opcode} == 8;
+}
+($code) = PgPush::WS->close_status($last);
+is($code, 1001, 'shutdown: close 1001 (going away)');
+
+###############################################################################
+
+sub publish {
+	my ($ch, $msg) = @_;
+	my $len = length $msg;
+	my $r = http(<<EOR);
+POST /pub?id=$ch HTTP/1.0
+Host: localhost
+Content-Length: $len
+
+$msg
+EOR
+	$r =~ /^HTTP\/1\.\d 200/ or diag("publish failed: $r");
+}
+
+# The next data payload, skipping pings.
+sub payload {
+	my ($ws) = @_;
+	while (my $m = $ws->read_message(3)) {
+		next if $m->{opcode} == 9;
+		return $m->{payload};
+	}
+	return undef;
+}
+
+# Sends bytes on a fresh subscriber; the close code the server answers with.
+sub fail_code {
+	my ($bytes) = @_;
+	my $ws = PgPush::WS->connect('/ws?id=errors');
+	$ws->raw($bytes);
+	while (my $f = $ws->read_frame(3)) {
+		next unless $f->{opcode} == 8;
+		my ($code) = PgPush::WS->close_status($f);
+		return $code;
+	}
+	return 'none';
+}
+
+###############################################################################
