@@ -74,7 +74,7 @@ fn channel(r: &mut ngx_http_request_t) -> Result<(String, String), ngx_int_t> {
     let value = http::complex_value(r, lcf.channels_path).unwrap_or_default();
     let limits =
         Limits { max_id_length: MainConf::limit(mcf.max_channel_id_length), pg_prefix: &prefix };
-    match channels::check_id(&value, limits) {
+    match channels::check_id(&channels::unescape(&value), limits) {
         Ok(id) => Ok((channels::pg_channel(&prefix, &id), id)),
         Err(e) => Err(http::send_explain(r, e.status().into(), &e.to_string())),
     }

@@ -42,7 +42,8 @@ pub struct Limits<'a> {
 }
 
 /// Splits a channels path into channels, push-stream style: `/`-separated ids, each with an
-/// optional `.bN` backtrack suffix; empty segments are ignored and repeats merged.
+/// optional `.bN` backtrack suffix; empty segments are ignored and repeats merged. Each id
+/// is percent-decoded after the split, so `%2F` puts a `/` inside an id.
 pub fn parse_path(path: &[u8], limits: Limits<'_>) -> Result<Vec<ChannelRequest>, ChannelError> {
     let mut out: Vec<ChannelRequest> = Vec::new();
     for seg in path.split(|&b| b == b'/') {
@@ -53,7 +54,7 @@ pub fn parse_path(path: &[u8], limits: Limits<'_>) -> Result<Vec<ChannelRequest>
         if id.is_empty() {
             continue;
         }
-        let id = check_id(id, limits)?;
+        let id = check_id(&unescape(id), limits)?;
         match out.iter_mut().find(|c| c.id == id) {
             Some(c) => c.backtrack = c.backtrack.max(backtrack),
             None => out.push(ChannelRequest { id, backtrack }),
@@ -118,6 +119,26 @@ pub fn quote_ident(name: &str) -> String {
     s
 }
 
+/// Decodes `%XX` escapes, so `?id=a%22b` names the channel `a"b`. Anything that is not
+/// a complete escape is kept as it is; `+` is kept too (it is a literal in a path).
+pub fn unescape(v: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(v.len());
+    let mut i = 0;
+    while i < v.len() {
+        if v[i] == b'%' && i + 2 < v.len() {
+            if let (Some(h), Some(l)) = (hex(v[i + 1]), hex(v[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(v[i]);
+        i += 1;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +159,16 @@ mod tests {
         assert_eq!(parse_path(b"", L), Err(ChannelError::NoChannel));
         assert_eq!(parse_path(b"//", L), Err(ChannelError::NoChannel));
         assert_eq!(parse_path(b".b5", L), Err(ChannelError::NoChannel));
+        assert_eq!(ids(&parse_path(b"a%2Fb/c%22d.b1", L).unwrap()), [("a/b", 0), ("c\"d", 1)]);
+    }
+
+    #[test]
+    fn unescapes() {
+        assert_eq!(unescape(b"a%20b%c3%bc"), "a bü".as_bytes());
+        assert_eq!(unescape(b"100%"), b"100%");
+        assert_eq!(unescape(b"%4"), b"%4");
+        assert_eq!(unescape(b"%zz+"), b"%zz+");
+        assert_eq!(unescape(b"%00"), b"\0");
     }
 
     #[test]

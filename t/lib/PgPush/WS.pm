@@ -6,6 +6,7 @@ package PgPush::WS;
 # raw() lets a test send deliberately broken frames.
 #
 #   my $ws = PgPush::WS->connect('/ws?id=ch1', port => 8080, headers => {Origin => 'x'});
+#   (rcvbuf => 4096 makes a client whose receive window fills quickly)
 #   $ws->{status}                    101, or the HTTP status of a refused handshake
 #   $ws->send_text('hi');  $ws->ping('x');  $ws->close(1000, 'bye');
 #   my $f = $ws->read_frame(2);      {opcode, fin, rsv, payload} or undef on timeout/EOF
@@ -16,6 +17,7 @@ use strict;
 
 use IO::Select;
 use IO::Socket::INET;
+use Socket qw/ SOL_SOCKET SO_RCVBUF inet_aton pack_sockaddr_in /;
 use Protocol::WebSocket::Frame;
 use Protocol::WebSocket::Handshake::Client;
 use Test::Nginx qw//;
@@ -24,9 +26,18 @@ use Time::HiRes qw/ time /;
 sub connect {
 	my ($class, $path, %opts) = @_;
 	my $port = Test::Nginx::port($opts{port} || 8080);
-	my $sock = IO::Socket::INET->new(
-		Proto => 'tcp', PeerAddr => "127.0.0.1:$port", Timeout => 5,
-	) or die "cannot connect to 127.0.0.1:$port: $!\n";
+	my $sock;
+	if (my $rcvbuf = $opts{rcvbuf}) {
+		# a small receive buffer, set before connecting so the window stays small
+		$sock = IO::Socket::INET->new(Proto => 'tcp') or die "socket: $!\n";
+		setsockopt($sock, SOL_SOCKET, SO_RCVBUF, $rcvbuf) or die "SO_RCVBUF: $!\n";
+		$sock->connect(pack_sockaddr_in($port, inet_aton('127.0.0.1')))
+			or die "cannot connect to 127.0.0.1:$port: $!\n";
+	} else {
+		$sock = IO::Socket::INET->new(
+			Proto => 'tcp', PeerAddr => "127.0.0.1:$port", Timeout => 5,
+		) or die "cannot connect to 127.0.0.1:$port: $!\n";
+	}
 	$sock->autoflush(1);
 
 	my $hs = Protocol::WebSocket::Handshake::Client->new(url => "ws://127.0.0.1:$port$path");

@@ -1,0 +1,326 @@
+#!/usr/bin/perl
+
+# The relay through PostgreSQL, with two workers: a NOTIFY reaches every WebSocket
+# subscriber of its channel in every worker, byte-exact, with and without a template; a
+# worker LISTENs with its first subscriber of a channel and UNLISTENs after the last;
+# hostile channel ids are quoted, over-long ones refused before any LISTEN; subscribers
+# stay connected through a database restart and a terminated backend and get what is
+# published afterwards; the HTTP publisher goes through pg_notify; a subscriber that never
+# reads is closed once its output bound is reached.
+
+use warnings;
+use strict;
+
+use Encode qw/ decode_utf8 /;
+use Test::More;
+use Time::HiRes qw/ sleep /;
+
+BEGIN { use FindBin; chdir($FindBin::Bin); }
+
+BEGIN { push @INC, "$FindBin::Bin/lib"; }
+use Test::Nginx;
+use PgPush::PG;
+use PgPush::WS;
+
+###############################################################################
+
+select STDERR; $| = 1;
+select STDOUT; $| = 1;
+
+my $t = Test::Nginx->new()->has(qw/http/)->plan(47);
+
+my $pg = PgPush::PG->start();
+my $conninfo = $pg->conninfo;
+
+$t->write_file_expand('nginx.conf', <<"EOF");
+
+%%TEST_GLOBALS%%
+
+daemon off;
+worker_processes 2;
+
+events {
+}
+
+http {
+    %%TEST_GLOBALS_HTTP%%
+
+    push_stream_postgres "$conninfo";
+    push_stream_postgres_reconnect 50ms 500ms;
+
+    server {
+        # reuseport: the kernel spreads connections over both workers
+        listen       127.0.0.1:8080 reuseport sndbuf=16k;
+        server_name  localhost;
+
+        location /ws {
+            push_stream_subscriber websocket;
+            push_stream_channels_path \$arg_id;
+        }
+
+        location /json {
+            push_stream_subscriber websocket;
+            push_stream_channels_path \$arg_id;
+            push_stream_message_template '{"id":~id~,"channel":"~channel~","text":"~text~"}';
+        }
+
+        location /slow {
+            push_stream_subscriber websocket;
+            push_stream_channels_path \$arg_id;
+            push_stream_subscriber_output_limit 32k;
+        }
+
+        location /roomy {
+            push_stream_subscriber websocket;
+            push_stream_channels_path \$arg_id;
+            push_stream_subscriber_output_limit 8m;
+        }
+
+        location /pub {
+            push_stream_publisher;
+            push_stream_channels_path \$arg_id;
+        }
+    }
+}
+
+EOF
+
+$t->run();
+ok(wait_sessions($pg, 2), 'two side connections');
+
+###############################################################################
+
+# delivery, byte-exact
+
+my $ws = PgPush::WS->connect('/ws?id=news');
+is($ws->{status}, 101, 'subscribed');
+my $payload = qq{héllo "wörld" \\ 'quotes' <b>&amp;</b>\n\ttabs ✓};
+# DBD::Pg takes characters: it sends them as UTF-8
+$pg->notify('news', decode_utf8($payload));
+my $m = $ws->read_message(3);
+is($m->{opcode}, 1, 'a text frame');
+is($m->{payload}, $payload, 'NOTIFY payload delivered byte-exact');
+
+my $js = PgPush::WS->connect('/json?id=news');
+$pg->notify('news', 'templated');
+# ~id~ counts the channel's messages in the worker (ids from stored messages come later)
+like(payload($js), qr/^\{"id":\d+,"channel":"news","text":"templated"\}\z/,
+	'message template applied');
+is(payload($ws), 'templated', 'same message untouched where there is no template');
+
+# SQL NOTIFY as well as pg_notify(); a transaction delivers at commit, in order
+$pg->do(q{NOTIFY news, 'from NOTIFY'});
+is(payload($ws), 'from NOTIFY', 'NOTIFY statement delivered');
+$pg->do('BEGIN');
+$pg->notify('news', "tx $_") for 1 .. 3;
+$pg->do('COMMIT');
+is(join(',', map { payload($ws) } 1 .. 3), 'tx 1,tx 2,tx 3', 'transaction delivered in order');
+undef $js;
+
+###############################################################################
+
+# 2 workers x 20 subscribers
+
+my @subs = map { PgPush::WS->connect('/ws?id=fan') } 1 .. 20;
+is(scalar(grep { $_->{status} == 101 } @subs), 20, '20 subscribers');
+ok(wait_query($pg, qr/LISTEN "fan"/, 2), 'both workers LISTEN on the channel');
+$pg->notify('fan', "to all $_") for 1 .. 5;
+my $all = 1;
+for my $s (@subs) {
+	my $got = join ',', map { payload($s) // 'none' } 1 .. 5;
+	$all = 0, diag("got $got") unless $got eq join ',', map { "to all $_" } 1 .. 5;
+}
+ok($all, 'every subscriber in both workers got every message, in order');
+undef @subs;
+ok(wait_query($pg, qr/UNLISTEN "fan"/, 2), 'both workers UNLISTEN after the last subscriber');
+
+###############################################################################
+
+# LISTEN follows the first and the last subscriber
+
+my $a = PgPush::WS->connect('/ws?id=life');
+ok(wait_query($pg, qr/LISTEN "life"/, 1), 'LISTEN with the first subscriber');
+my $b = PgPush::WS->connect('/ws?id=life');
+$pg->notify('life', 'both');
+is(payload($a) . payload($b), 'bothboth', 'both subscribers get it');
+undef $a;
+sleep 0.3;
+$pg->notify('life', 'one left');
+is(payload($b), 'one left', 'the remaining subscriber still gets messages');
+undef $b;
+ok(wait_query($pg, qr/UNLISTEN "life"/, 1), 'UNLISTEN after the last one');
+
+# churn: many short subscribers leave no LISTEN behind
+for (1 .. 30) {
+	my $c = PgPush::WS->connect('/ws?id=churn');
+	$c->close(1000);
+}
+ok(wait_query($pg, qr/UNLISTEN "churn"/, 1), 'churn ends with UNLISTEN');
+
+###############################################################################
+
+# hostile and odd channel ids are quoted, never spliced
+
+for my $id ('quo"te', 'semi;colon', "it's", 'a"; DROP TABLE x; --', 'ünïcödé✓', 'MixedCase',
+	'with space')
+{
+	my $enc = $id;
+	$enc =~ s/([^A-Za-z0-9])/sprintf('%%%02X', ord $1)/ge;
+	my $s = PgPush::WS->connect("/ws?id=$enc");
+	$pg->notify(decode_utf8($id), decode_utf8("for $id"));
+	is(payload($s), "for $id", "channel id $id");
+}
+
+my $long = 'x' x 64;
+my $s = PgPush::WS->connect("/ws?id=$long");
+my ($code, $reason) = PgPush::WS->close_status($s->read_frame(3));
+is($code, 1008, 'over-long channel: close 1008');
+like($reason, qr/^\{"http_status": 400, "explain":"Channel id is too large/,
+	'over-long channel: push-stream JSON reason');
+ok(!grep({ ($_->[2] // '') =~ /x{64}/ } @{$pg->sessions()}), 'no LISTEN sent for it');
+$s = PgPush::WS->connect('/ws?id=' . 'y' x 63);
+$pg->notify('y' x 63, '63 bytes');
+is(payload($s), '63 bytes', 'a 63-byte channel works');
+
+###############################################################################
+
+# the HTTP publisher goes through PostgreSQL: every worker delivers
+
+@subs = map { PgPush::WS->connect('/ws?id=pub') } 1 .. 16;
+ok(wait_query($pg, qr/LISTEN "pub"/, 2), 'publisher test: both workers listen');
+my $r = publish('pub', 'over http');
+like($r, qr/^HTTP\/1\.1 200/, 'publish: 200');
+like($r, qr/^\{"channel": "pub", "published_messages": \d+, "stored_messages": 0, "subscribers": \d+\}\r$/m,
+	'publish: channel info JSON');
+is(scalar(grep { (payload($_) // '') eq 'over http' } @subs), 16, 'published message delivered everywhere');
+
+$r = publish('pub', 'same');
+$r = publish('pub', 'same');
+is(scalar(grep { (payload($_) // '') . (payload($_) // '') eq 'samesame' } @subs), 16,
+	'identical messages are not folded into one');
+
+$r = publish('pub', '');
+like($r, qr/^HTTP\/1\.1 400.*X-Nginx-PushStream-Explain: Empty post requests are not allowed\./ms,
+	'empty body: 400 explained');
+$r = publish('', 'x');
+like($r, qr/^HTTP\/1\.1 400.*X-Nginx-PushStream-Explain: No channel id provided\./ms,
+	'no channel: 400 explained');
+$r = publish('z' x 64, 'x');
+like($r, qr/^HTTP\/1\.1 400.*X-Nginx-PushStream-Explain: Channel id is too large/ms,
+	'over-long channel: 400 explained');
+$r = publish('pub', 'x' x 8000);
+like($r, qr/^HTTP\/1\.1 413.*X-Nginx-PushStream-Explain: Message is too large/ms,
+	'payload over the NOTIFY limit: 413 explained');
+$r = http(<<EOR);
+DELETE /pub?id=pub HTTP/1.0
+Host: localhost
+
+EOR
+like($r, qr/^HTTP\/1\.1 405.*^Allow: GET, POST, PUT/ms, 'DELETE outside admin mode: 405');
+undef @subs;
+
+###############################################################################
+
+# the database restarts, then a backend is terminated: subscribers stay, and get what
+# is published after the reconnect
+
+@subs = map { PgPush::WS->connect('/ws?id=survive') } 1 .. 16;
+ok(wait_query($pg, qr/LISTEN "survive"/, 2), 'restart test: both workers listen');
+$t->write_file('error.log', '');
+$pg->restart();
+ok(wait_log($t, qr/reconnected to postgres/, 2), 'both workers reconnected after the restart');
+$pg->notify('survive', 'after restart');
+is(scalar(grep { (payload($_) // '') eq 'after restart' } @subs), 16,
+	'delivered to every subscriber after the restart');
+
+$pg->terminate_sessions();
+ok(wait_log($t, qr/reconnected to postgres/, 4), 'both workers reconnected after termination');
+$pg->notify('survive', 'after terminate');
+is(scalar(grep { (payload($_) // '') eq 'after terminate' } @subs), 16,
+	'delivered to every subscriber after pg_terminate_backend');
+unlike($t->read_file('error.log'), qr/\[(alert|crit|emerg)\]|signal \d+/, 'no worker crashed');
+undef @subs;
+
+###############################################################################
+
+# a subscriber that never reads is closed at its bound; the others are not held back
+
+my $slow = PgPush::WS->connect('/slow?id=slow', rcvbuf => 4096);
+my $fast = PgPush::WS->connect('/roomy?id=slow');
+my $chunk = 'm' x 7000;
+$pg->do(q{SELECT pg_notify('slow', i || $1) FROM generate_series(1, 400) i}, $chunk);
+my $n = 0;
+while (my $p = payload($fast)) {
+	$n++;
+	last if $n == 400;
+}
+is($n, 400, 'a reading subscriber gets all 400 messages');
+ok(wait_log($t, qr/too slow.*channel "slow"/, 1), 'the slow one is logged with its channel');
+my $last;
+while (my $f = $slow->read_message(3)) {
+	$last = $f;
+	last if $f->{opcode} == 8;
+}
+($code) = PgPush::WS->close_status($last);
+is($code, 1013, 'the slow subscriber is closed with 1013');
+
+###############################################################################
+
+sub publish {
+	my ($ch, $msg) = @_;
+	my $len = length $msg;
+	return http(<<EOR);
+POST /pub?id=$ch HTTP/1.0
+Host: localhost
+Content-Length: $len
+
+$msg
+EOR
+}
+
+# The next data payload, skipping pings.
+sub payload {
+	my ($ws) = @_;
+	while (my $m = $ws->read_message(3)) {
+		next if $m->{opcode} == 9;
+		return $m->{payload};
+	}
+	return undef;
+}
+
+# The helpers take $t and $pg as arguments: a named sub closing over them would keep them
+# alive past the end of the tests, and the "no alerts" check runs when $t goes away.
+sub wait_sessions {
+	my ($pg, $n) = @_;
+	for (1 .. 100) {
+		my $rows = eval { $pg->sessions() } || [];
+		return 1 if @$rows == $n;
+		sleep 0.1;
+	}
+	return 0;
+}
+
+# At least $count side connections last ran a statement matching $re.
+sub wait_query {
+	my ($pg, $re, $count) = @_;
+	for (1 .. 50) {
+		my $rows = eval { $pg->sessions() } || [];
+		return 1 if grep({ ($_->[2] // '') =~ $re } @$rows) >= $count;
+		sleep 0.1;
+	}
+	my $rows = eval { $pg->sessions() } || [];
+	diag('last statements: ' . join(' | ', map { $_->[2] // '' } @$rows));
+	return 0;
+}
+
+sub wait_log {
+	my ($t, $re, $count) = @_;
+	for (1 .. 100) {
+		my @m = $t->read_file('error.log') =~ /$re/g;
+		return 1 if @m >= $count;
+		sleep 0.1;
+	}
+	return 0;
+}
+
+###############################################################################
