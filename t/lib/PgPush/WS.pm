@@ -25,7 +25,8 @@ use Time::HiRes qw/ time /;
 
 sub connect {
 	my ($class, $path, %opts) = @_;
-	my $port = Test::Nginx::port($opts{port} || 8080);
+	# raw_port: a real port, not one of the test ports Test::Nginx remaps
+	my $port = $opts{raw_port} // Test::Nginx::port($opts{port} || 8080);
 	my $sock;
 	if (my $rcvbuf = $opts{rcvbuf}) {
 		# a small receive buffer, set before connecting so the window stays small
