@@ -64,13 +64,6 @@ unsafe impl HttpModuleLocationConf for HttpPgPushModule {
     type LocationConf = LocConf;
 }
 
-impl HttpPgPushModule {
-    /// This module's slot in `r->ctx`.
-    pub fn ctx_index() -> usize {
-        Self::module().ctx_index
-    }
-}
-
 impl HttpModule for HttpPgPushModule {
     fn module() -> &'static ngx_module_t {
         // SAFETY: the module is a static that nginx only writes during init

@@ -9,6 +9,11 @@
 //!
 //! Output is bounded by `push_stream_subscriber_output_limit`: a subscriber that cannot
 //! keep up is closed with 1013 and an error-log line naming the channel.
+//!
+//! Once the 101 is out, the subscriber lets go of the HTTP request: the request is logged
+//! and freed (its pool, headers and header buffer are several KB per connection), and the
+//! bare connection is driven by this module's own read and write handlers until it
+//! closes. Before that (while waiting for LISTEN), it is an ordinary held request.
 
 use core::ffi::c_void;
 use core::ptr::{self, NonNull};
@@ -17,9 +22,10 @@ use std::io::{self, Read, Write};
 use std::rc::Rc;
 
 use nginx_sys::{
-    ngx_buf_t, ngx_chain_t, ngx_connection_t, ngx_event_t, ngx_http_core_loc_conf_t,
-    ngx_http_request_t, ngx_int_t, ngx_msec_t, ngx_str_t, NGX_HTTP_CLOSE, NGX_HTTP_GET,
-    NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_LOG_ERR, NGX_LOG_INFO,
+    ngx_buf_t, ngx_chain_t, ngx_connection_t, ngx_event_t, ngx_http_cleanup_t,
+    ngx_http_core_loc_conf_t, ngx_http_request_t, ngx_int_t, ngx_msec_t, ngx_posted_events,
+    ngx_str_t, NGX_HTTP_CLOSE, NGX_HTTP_GET, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_LOG_ERR,
+    NGX_LOG_INFO,
 };
 use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule};
 use tungstenite::error::{Error as WsError, ProtocolError};
@@ -70,7 +76,9 @@ enum State {
 }
 
 pub struct Subscriber {
+    /// The request until the handshake is done, then null: the connection is ours.
     r: *mut ngx_http_request_t,
+    cln: *mut ngx_http_cleanup_t,
     c: *mut ngx_connection_t,
     lcf: &'static LocConf,
     /// PostgreSQL channel names.
@@ -145,6 +153,7 @@ fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
     let max = clcf.client_max_body_size as usize;
     let sub = Box::new(Subscriber {
         r: ptr::from_mut(r),
+        cln: ptr::null_mut(),
         c: r.connection,
         lcf,
         channels,
@@ -176,8 +185,9 @@ fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
     let key = SubKey(unsafe { NonNull::new_unchecked(raw) });
     // SAFETY: live until the cleanup
     let sub = unsafe { key.get() };
+    sub.cln = cln;
     sub.ping.data = raw.cast();
-    sub.ping.handler = Some(on_ping);
+    sub.ping.handler = Some(on_timer);
     // SAFETY: c is the request's connection
     sub.ping.log = unsafe { (*r.connection).log };
     sub.ping.set_cancelable(1);
@@ -190,15 +200,10 @@ fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
     // SAFETY: r->main is the request itself
     unsafe { (*r.main).set_count((*r.main).count() + 1) };
     r.read_event_handler = Some(nginx_sys::ngx_http_test_reading);
-    if waiting == 0 && sub.open().is_err() {
-        // SAFETY: as above; nginx finalizes with the error we return
-        unsafe { (*r.main).set_count((*r.main).count() - 1) };
-        return Err(ERROR);
-    }
-    if sub.state == State::Dead {
-        // SAFETY: as above
-        unsafe { (*r.main).set_count((*r.main).count() - 1) };
-        return Err(NGX_HTTP_CLOSE as ngx_int_t);
+    if waiting == 0 {
+        // answered from the event loop: the request must outlive this handler's return
+        // SAFETY: the event is ours and not posted yet
+        unsafe { nginx_sys::ngx_post_event(&mut sub.ping, ptr::addr_of_mut!(ngx_posted_events)) };
     }
     Ok(DONE)
 }
@@ -221,6 +226,10 @@ extern "C" fn cleanup(data: *mut c_void) {
         // SAFETY: our own timer event
         unsafe { nginx_sys::ngx_del_timer(&mut sub.ping) };
     }
+    if sub.ping.posted() != 0 {
+        // SAFETY: our own posted event
+        unsafe { nginx_sys::ngx_delete_posted_event(&mut sub.ping) };
+    }
 }
 
 /* events */
@@ -236,16 +245,15 @@ pub fn listen_confirmed(key: SubKey) {
     if sub.waiting > 0 {
         return;
     }
-    if sub.open().is_err() {
-        sub.state = State::Dead;
-    }
-    sub.finish_if_done();
+    sub.ready();
 }
 
-extern "C" fn on_read(r: *mut ngx_http_request_t) {
-    let Some(sub) = from_request(r) else { return };
-    // SAFETY: c is the live connection of a live request
-    let rev = unsafe { &mut *(*sub.c).read };
+/// Read events of a subscriber's connection after the handshake.
+extern "C" fn on_read(rev: *mut ngx_event_t) {
+    // SAFETY: the connection's data is its subscriber from detach() until it closes
+    let sub = unsafe { &mut *(*(*rev).data.cast::<ngx_connection_t>()).data.cast::<Subscriber>() };
+    // SAFETY: rev is live
+    let rev = unsafe { &mut *rev };
     if rev.timedout() != 0 {
         rev.set_timedout(0);
         match sub.state {
@@ -270,10 +278,11 @@ extern "C" fn on_read(r: *mut ngx_http_request_t) {
     sub.finish_if_done();
 }
 
-extern "C" fn on_write(r: *mut ngx_http_request_t) {
-    let Some(sub) = from_request(r) else { return };
+extern "C" fn on_write(wev: *mut ngx_event_t) {
     // SAFETY: as in on_read
-    let wev = unsafe { &mut *(*sub.c).write };
+    let sub = unsafe { &mut *(*(*wev).data.cast::<ngx_connection_t>()).data.cast::<Subscriber>() };
+    // SAFETY: wev is live
+    let wev = unsafe { &mut *wev };
     if wev.timedout() != 0 {
         wev.set_timedout(0);
         // SAFETY: c is live
@@ -286,23 +295,20 @@ extern "C" fn on_write(r: *mut ngx_http_request_t) {
     sub.finish_if_done();
 }
 
-extern "C" fn on_ping(ev: *mut ngx_event_t) {
-    // SAFETY: the ping event's data is its subscriber, alive while the timer is set
+/// The subscriber's own event: posted once to answer the handshake, then the ping timer.
+extern "C" fn on_timer(ev: *mut ngx_event_t) {
+    // SAFETY: the event's data is its subscriber, alive while the event is set or posted
     let sub = unsafe { &mut *(*ev).data.cast::<Subscriber>() };
-    if sub.state == State::Open {
-        sub.out.push(PING.with(Rc::clone));
-        sub.arm_ping();
-        sub.flush();
+    match sub.state {
+        State::Handshake if sub.waiting == 0 => return sub.ready(),
+        State::Open => {
+            sub.out.push(PING.with(Rc::clone));
+            sub.arm_ping();
+            sub.flush();
+        }
+        _ => {}
     }
     sub.finish_if_done();
-}
-
-fn from_request<'a>(r: *mut ngx_http_request_t) -> Option<&'a mut Subscriber> {
-    // SAFETY: ctx holds the subscriber from open() until the cleanup
-    unsafe {
-        let p = *(*r).ctx.add(crate::nginx::HttpPgPushModule::ctx_index());
-        p.cast::<Subscriber>().as_mut()
-    }
 }
 
 thread_local! {
@@ -420,10 +426,6 @@ impl Subscriber {
         if let Some((_, explain)) = &self.refusal {
             http::header_out(r, http::EXPLAIN, explain)?;
         }
-        // SAFETY: the ctx slot of this module; the cleanup outlives every event
-        unsafe {
-            *r.ctx.add(crate::nginx::HttpPgPushModule::ctx_index()) = ptr::from_mut(self).cast()
-        };
         // SAFETY: the header is sent once
         let rc = unsafe { nginx_sys::ngx_http_send_header(r) };
         if rc == ERROR || rc > OK {
@@ -433,8 +435,11 @@ impl Subscriber {
         if unsafe { nginx_sys::ngx_http_send_special(r, nginx_sys::NGX_HTTP_FLUSH as _) } == ERROR {
             return Err(());
         }
-        r.read_event_handler = Some(on_read);
-        r.write_event_handler = Some(on_write);
+        if !r.out.is_null() {
+            // a fresh socket that cannot take ~200 bytes: not worth holding the request
+            return Err(());
+        }
+        self.detach();
         self.state = State::Open;
 
         if let Some((status, explain)) = self.refusal.take() {
@@ -459,6 +464,40 @@ impl Subscriber {
             self.flush();
         }
         Ok(())
+    }
+
+    /// Every LISTEN is confirmed: answer the handshake.
+    fn ready(&mut self) {
+        if self.open().is_err() {
+            self.state = State::Dead;
+        }
+        self.finish_if_done();
+    }
+
+    /// Logs and frees the request; the connection is driven by on_read/on_write from now.
+    fn detach(&mut self) {
+        let c = self.c;
+        // SAFETY: r is alive and done with; our cleanup is disarmed first so that freeing
+        // the request leaves the subscriber alone. nginx marks the connection destroyed
+        // when it frees a request; it is not, it is ours.
+        unsafe {
+            (*self.cln).handler = None;
+            nginx_sys::ngx_http_free_request(self.r, 0);
+            self.r = ptr::null_mut();
+            self.cln = ptr::null_mut();
+            let c = &mut *c;
+            c.set_destroyed(0);
+            c.data = ptr::from_mut(self).cast();
+            (*c.read).handler = Some(on_read);
+            (*c.write).handler = Some(on_write);
+            (*c.log).action = c"relaying WebSocket messages".as_ptr().cast_mut();
+            // the request's header buffer: a large allocation of the connection pool
+            if let Some(b) = c.buffer.as_ref() {
+                nginx_sys::ngx_pfree(c.pool, b.start.cast());
+                c.buffer = ptr::null_mut();
+            }
+        }
+        self.accept = String::new();
     }
 
     fn arm_ping(&mut self) {
@@ -575,7 +614,7 @@ impl Subscriber {
         // SAFETY: c and its write event are live
         unsafe {
             let wev = (*self.c).write;
-            let pending = !self.out.is_empty() || !(*self.r).out.is_null();
+            let pending = !self.out.is_empty();
             if pending {
                 if nginx_sys::ngx_handle_write_event(wev, 0) != OK {
                     self.state = State::Dead;
@@ -594,16 +633,6 @@ impl Subscriber {
         let c = self.c;
         // SAFETY: r and c are live; bufs and links live on this stack frame only
         unsafe {
-            let r = &mut *self.r;
-            if !r.out.is_null() {
-                // the 101 header is still in nginx's write filter
-                if nginx_sys::ngx_http_output_filter(r, ptr::null_mut()) == ERROR {
-                    return Err(());
-                }
-                if !r.out.is_null() {
-                    return Ok(());
-                }
-            }
             let send_chain = (*c).send_chain.ok_or(())?;
             while !self.out.is_empty() && (*(*c).write).ready() != 0 {
                 let mut bufs: [ngx_buf_t; IOV] = core::mem::zeroed();
@@ -648,9 +677,17 @@ impl Subscriber {
             State::Closing { answered } => answered && idle,
             State::Handshake | State::Open => false,
         };
-        if done {
-            finalize(self.r, NGX_HTTP_CLOSE as ngx_int_t);
+        if !done {
+            return;
         }
+        if !self.r.is_null() {
+            // still a request (the handshake was not answered): nginx frees everything
+            return finalize(self.r, NGX_HTTP_CLOSE as ngx_int_t);
+        }
+        let c = self.c;
+        cleanup(ptr::from_mut(self).cast());
+        // SAFETY: the connection is ours since detach(); the subscriber is gone
+        unsafe { nginx_sys::ngx_http_close_connection(c) };
     }
 }
 
