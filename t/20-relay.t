@@ -27,7 +27,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(47);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(50);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -225,16 +225,21 @@ undef @subs;
 # is published after the reconnect
 
 @subs = map { PgPush::WS->connect('/ws?id=survive') } 1 .. 16;
+my $tagged = PgPush::WS->connect('/json?id=survive');
 ok(wait_query($pg, qr/LISTEN "survive"/, 2), 'restart test: both workers listen');
 $t->write_file('error.log', '');
 $pg->restart();
 ok(wait_log($t, qr/reconnected to postgres/, 2), 'both workers reconnected after the restart');
+is(scalar(grep { (payload($_) // 'none') eq '' } @subs), 16,
+	'every subscriber is told of the gap');
+is(payload($tagged), '{"id":-4,"channel":"survive","text":""}', 'the gap message has id -4');
 $pg->notify('survive', 'after restart');
 is(scalar(grep { (payload($_) // '') eq 'after restart' } @subs), 16,
 	'delivered to every subscriber after the restart');
 
 $pg->terminate_sessions();
 ok(wait_log($t, qr/reconnected to postgres/, 4), 'both workers reconnected after termination');
+is(scalar(grep { (payload($_) // 'none') eq '' } @subs), 16, 'gap told again');
 $pg->notify('survive', 'after terminate');
 is(scalar(grep { (payload($_) // '') eq 'after terminate' } @subs), 16,
 	'delivered to every subscriber after pg_terminate_backend');

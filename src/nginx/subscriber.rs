@@ -325,20 +325,42 @@ pub fn deliver(channel: &str, payload: &str) {
         return;
     };
     let id = channel.get(prefix_len..).unwrap_or(channel);
-    // SAFETY: nginx's cached time string is always set in a worker
-    let time = unsafe { ptr::addr_of!(nginx_sys::ngx_cached_http_time).read() };
-    // SAFETY: the string lives in nginx's time cache slots
-    let time = time.as_bytes();
-    let values = Values {
-        text: payload.as_bytes(),
-        channel: id,
-        id: n as i64,
-        time: core::str::from_utf8(time).unwrap_or_default(),
-        ..Values::default()
+    fan_out(&keys, Values { text: payload.as_bytes(), channel: id, id: n as i64, ..now() });
+}
+
+/// push-stream's special message ids go down from -1 (ping, channel deleted, long-poll
+/// timeout); this one tells that messages may have been missed.
+pub const GAP_ID: i64 = -4;
+
+/// The side connection came back: notifications sent while it was down are lost, and every
+/// subscriber is told so with one message per channel, id -4 and event type `gap`.
+pub fn gap() {
+    let Some((channels, prefix_len)) = worker::with(|w| {
+        let chans: Vec<(String, Vec<SubKey>)> =
+            w.hub.channels().map(|ch| (ch.to_string(), w.hub.subscribers(ch).to_vec())).collect();
+        (chans, w.prefix.len())
+    }) else {
+        return;
     };
+    for (channel, keys) in channels {
+        let id = channel.get(prefix_len..).unwrap_or(&channel);
+        fan_out(&keys, Values { channel: id, id: GAP_ID, event_type: "gap", ..now() });
+    }
+}
+
+fn now() -> Values<'static> {
+    // SAFETY: nginx's cached time string is always set in a worker, and its slots live as
+    // long as the process; it is read before the event loop can change it
+    let time = unsafe { ptr::addr_of!(nginx_sys::ngx_cached_http_time).read() };
+    let time: &'static [u8] = unsafe { core::slice::from_raw_parts(time.data, time.len) };
+    Values { time: core::str::from_utf8(time).unwrap_or_default(), ..Values::default() }
+}
+
+/// Queues one message for these subscribers, encoded once per template.
+fn fan_out(keys: &[SubKey], values: Values<'_>) {
     // frames by location template; the identity template is shared by all
     let mut frames: Vec<(*const LocConf, Rc<[u8]>)> = Vec::with_capacity(1);
-    for key in keys {
+    for &key in keys {
         // SAFETY: keys listed in the hub are live
         let sub = unsafe { key.get() };
         if !matches!(sub.state, State::Handshake | State::Open) {
@@ -356,7 +378,7 @@ pub fn deliver(channel: &str, payload: &str) {
                         t.render(&values, &mut text);
                         &text[..]
                     }
-                    _ => payload.as_bytes(),
+                    _ => values.text,
                 };
                 let mut buf = Vec::with_capacity(body.len() + 10);
                 ws::encode(ws::OP_TEXT, body, &mut buf);
@@ -374,7 +396,7 @@ pub fn deliver(channel: &str, payload: &str) {
                  push_stream_subscriber_output_limit {}, channel \"{}\"",
                 sub.out.bytes,
                 sub.lcf.subscriber_output_limit,
-                id
+                values.channel
             );
             sub.out.drop_unsent();
             sub.start_close(close::TRY_AGAIN_LATER, "Subscriber too slow");

@@ -243,7 +243,9 @@ fn handle(e: Event) {
             }
         }
         Event::Published { ids, error } => publisher::answer(&ids, error.as_deref()),
-        Event::Connected { .. } | Event::Disconnected => {}
+        // what was published while the connection was down is gone: say so
+        Event::Connected { relistened: true } => subscriber::gap(),
+        Event::Connected { relistened: false } | Event::Disconnected => {}
     }
 }
 
