@@ -780,6 +780,10 @@ impl Output {
         while self.chunks.front().is_some_and(|c| c.is_empty()) {
             self.chunks.pop_front();
         }
+        if self.chunks.is_empty() && self.chunks.capacity() > 8 {
+            // a burst is over: an idle subscriber keeps no queue memory
+            self.chunks = VecDeque::new();
+        }
     }
 
     /// Drops every frame not started yet (a started one must be finished).

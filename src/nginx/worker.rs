@@ -34,6 +34,8 @@ use crate::postgres::{Bridge, Command, Event, Level, SideConnection};
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Events handled per wakeup before yielding back to the event loop.
 const BATCH: usize = 1024;
+/// Notifications queued per subscriber before their connections are written.
+const FLUSH_EVERY: usize = 64;
 
 pub struct Worker {
     bridge: Arc<Bridge>,
@@ -218,8 +220,18 @@ extern "C" fn on_bridge(ev: *mut ngx_event_t) {
     }) else {
         return;
     };
+    let mut since_flush = 0;
     for e in events {
+        if matches!(e, Event::Notification { .. }) {
+            since_flush += 1;
+        }
         handle(e);
+        // write out every few messages: frames coalesce per connection, yet no queue
+        // holds a whole batch
+        if since_flush == FLUSH_EVERY {
+            settle();
+            since_flush = 0;
+        }
     }
     settle();
     if !drained {
