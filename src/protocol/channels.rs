@@ -162,6 +162,34 @@ mod tests {
         assert_eq!(ids(&parse_path(b"a%2Fb/c%22d.b1", L).unwrap()), [("a/b", 0), ("c\"d", 1)]);
     }
 
+    /// Channel paths come from the network: random bytes never panic, and whatever is
+    /// accepted is a valid PostgreSQL channel (UTF-8, no NUL, prefix + id within 63 bytes).
+    #[test]
+    fn random_paths() {
+        let limits = Limits { max_id_length: None, pg_prefix: "app_" };
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let alphabet = b"ab/%.b0123456789fF\"';\0\xc3\xa9\xff ";
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 90) as usize;
+            let path: Vec<u8> = (0..len)
+                .map(|i| alphabet[((seed >> (i % 56)) as usize + i * 7) % alphabet.len()])
+                .collect();
+            if let Ok(list) = parse_path(&path, limits) {
+                assert!(!list.is_empty());
+                for c in list {
+                    assert!(!c.id.is_empty() && !c.id.contains('\0'), "{path:?}");
+                    assert!(pg_channel(limits.pg_prefix, &c.id).len() <= PG_MAX_IDENTIFIER);
+                    let q = quote_ident(&c.id);
+                    assert!(q.starts_with('"') && q.ends_with('"'));
+                    assert_eq!(q[1..q.len() - 1].replace("\"\"", "\""), c.id);
+                }
+            }
+        }
+    }
+
     #[test]
     fn unescapes() {
         assert_eq!(unescape(b"a%20b%c3%bc"), "a bü".as_bytes());
