@@ -27,7 +27,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(50);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(57);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -268,6 +268,24 @@ while (my $f = $slow->read_message(3)) {
 }
 ($code) = PgPush::WS->close_status($last);
 is($code, 1013, 'the slow subscriber is closed with 1013');
+
+###############################################################################
+
+# the database is down: publishing fails fast and says why; subscribers are still accepted
+
+$pg->halt();
+ok(wait_log($t, qr/lost: .*reconnecting/, 2), 'both workers noticed the database is gone');
+$r = publish('pub', 'nobody hears');
+like($r, qr/^HTTP\/1\.1 503.*X-Nginx-PushStream-Explain: Message not published: the connection to PostgreSQL is down/ms,
+	'publish while the database is down: 503 explained');
+$s = PgPush::WS->connect('/ws?id=later');
+is($s->{status}, 101, 'a subscriber is accepted while the database is down');
+$pg->restart();
+ok(wait_log($t, qr/reconnected to postgres/, 2), 'reconnected once the database is back');
+ok(wait_query($pg, qr/LISTEN "later"/, 1), 'its channel is LISTENed on reconnect');
+is(payload($s), '', 'it is told of the gap');
+$pg->notify('later', 'now');
+is(payload($s), 'now', 'and it gets messages');
 
 ###############################################################################
 

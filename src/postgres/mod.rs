@@ -282,10 +282,11 @@ async fn run(
 
         let relisten = listen_sql("LISTEN", wanted.channels.iter());
         let setup = async {
+            let stmt = client.prepare(PUBLISH_SQL).await?;
             if !relisten.is_empty() {
                 client.batch_execute(&relisten).await?;
             }
-            client.prepare(PUBLISH_SQL).await
+            Ok::<_, tokio_postgres::Error>(stmt)
         };
         let publish = match setup.await {
             Ok(stmt) => stmt,
