@@ -27,7 +27,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(57);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(63);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -286,6 +286,31 @@ ok(wait_query($pg, qr/LISTEN "later"/, 1), 'its channel is LISTENed on reconnect
 is(payload($s), '', 'it is told of the gap');
 $pg->notify('later', 'now');
 is(payload($s), 'now', 'and it gets messages');
+
+###############################################################################
+
+# reload: the old workers tell their subscribers (1001) and close their side connections;
+# the new workers relay
+
+@subs = map { PgPush::WS->connect('/ws?id=reload') } 1 .. 4;
+ok(wait_query($pg, qr/LISTEN "reload"/, 1), 'reload test: listening');
+$t->reload();
+my $told = 0;
+for my $c (@subs) {
+	while (my $m = $c->read_message(5)) {
+		next unless $m->{opcode} == 8;
+		my ($code) = PgPush::WS->close_status($m);
+		$told++ if $code == 1001;
+		last;
+	}
+}
+is($told, 4, 'reload: every subscriber of the old workers got 1001');
+ok(wait_log($t, qr/gracefully shutting down/, 2), 'old workers shut down');
+ok(wait_sessions($pg, 2), 'two side connections after the reload, not four');
+$s = PgPush::WS->connect('/ws?id=reload');
+ok(wait_query($pg, qr/LISTEN "reload"/, 1), 'a new worker listens');
+$pg->notify('reload', 'new workers');
+is(payload($s), 'new workers', 'the new workers relay');
 
 ###############################################################################
 
