@@ -23,7 +23,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(44);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(45);
 
 $t->write_file_expand('nginx.conf', <<'EOF');
 
@@ -56,6 +56,12 @@ http {
             push_stream_message_template "[~channel~:~id~:~size~] ~text~";
             push_stream_ping_message_interval 500ms;
             push_stream_subscriber_connection_ttl 2s;
+        }
+
+        location /full {
+            push_stream_subscriber websocket;
+            push_stream_channels_path $arg_id;
+            push_stream_message_template "~time~|~event-type~|~event-id~|~tag~|~text~";
         }
 
         location /streaming {
@@ -210,6 +216,11 @@ is($footer, 'FOOTER', 'footer template before the close at the ttl');
 is($code, 1000, 'connection ttl: normal close');
 $ws->close(1000);
 ok($ws->eof(3), 'closed after the ttl');
+
+$ws = PgPush::WS->connect('/full?id=full');
+publish('full', 'hello');
+like(payload($ws), qr/^\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT\|\|\|0\|hello\z/,
+	'~time~ is an HTTP date; no event type, event id or tag for a plain message');
 
 ###############################################################################
 
