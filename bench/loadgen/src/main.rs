@@ -76,8 +76,9 @@ struct Args {
     /// Publisher URL for --publish http; {channel} is replaced by the channel name.
     #[arg(long, default_value = "http://127.0.0.1:8080/pub?id={channel}")]
     pub_url: String,
-    /// Concurrent publisher connections.
-    #[arg(long, default_value_t = 1)]
+    /// Concurrent publisher connections (PostgreSQL or HTTP keep-alive), each with one
+    /// statement or request in flight.
+    #[arg(long, default_value_t = 4)]
     publishers: usize,
     /// Most messages per pg_notify statement (one transaction) when they queue up.
     #[arg(long, default_value_t = 500)]
@@ -151,6 +152,9 @@ fn main() -> ExitCode {
 }
 
 fn check(args: &Args) -> Result<(), String> {
+    if args.publishers == 0 {
+        return Err("--publishers must be at least 1".into());
+    }
     if args.channels == 0 {
         return Err("--channels must be at least 1".into());
     }
@@ -658,6 +662,7 @@ mod tests {
         .unwrap();
         assert_eq!(a.settle, Duration::from_millis(500));
         assert_eq!(a.publish, PublishVia::Http);
+        assert_eq!(a.publishers, 4);
         assert!(check(&a).is_ok());
         let a = Args::try_parse_from(["pgpush-loadgen", "--publish", "pg"]).unwrap();
         assert!(check(&a).is_err(), "--pg is required");
