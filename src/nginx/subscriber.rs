@@ -636,7 +636,7 @@ impl Subscriber {
         // SAFETY: c and its write event are live
         unsafe {
             let wev = (*self.c).write;
-            let pending = !self.out.is_empty();
+            let pending = !self.out.is_empty() || self.lower_buffered();
             if pending {
                 if nginx_sys::ngx_handle_write_event(wev, 0) != OK {
                     self.state = State::Dead;
@@ -651,12 +651,18 @@ impl Subscriber {
         }
     }
 
+    /// Bytes the connection's own layer holds (TLS buffers what it could not write yet).
+    fn lower_buffered(&self) -> bool {
+        // SAFETY: c is live
+        unsafe { (*self.c).buffered() & nginx_sys::NGX_LOWLEVEL_BUFFERED != 0 }
+    }
+
     fn write_out(&mut self) -> Result<(), ()> {
         let c = self.c;
-        // SAFETY: r and c are live; bufs and links live on this stack frame only
+        // SAFETY: c is live; bufs and links live on this stack frame only
         unsafe {
             let send_chain = (*c).send_chain.ok_or(())?;
-            while !self.out.is_empty() && (*(*c).write).ready() != 0 {
+            while (!self.out.is_empty() || self.lower_buffered()) && (*(*c).write).ready() != 0 {
                 let mut bufs: [ngx_buf_t; IOV] = core::mem::zeroed();
                 let mut links: [ngx_chain_t; IOV] = core::mem::zeroed();
                 let mut n = 0;
@@ -674,14 +680,26 @@ impl Subscriber {
                 for i in 1..n {
                     links[i - 1].next = &mut links[i];
                 }
-                let before = (*c).sent;
-                let rest = send_chain(c, links.as_mut_ptr(), 0);
+                // TLS copies into its own buffer and writes only on a flush; a null chain
+                // flushes what it holds
+                let chain = if n == 0 { ptr::null_mut() } else { links.as_mut_ptr() };
+                if n > 0 {
+                    bufs[n - 1].set_flush(1);
+                }
+                let rest = send_chain(c, chain, 0);
                 if rest as isize == nginx_sys::NGX_ERROR as isize {
                     (*c).set_error(1);
                     return Err(());
                 }
-                self.out.consume(((*c).sent - before) as usize);
-                if !rest.is_null() && (*(*c).write).ready() == 0 {
+                // what the layer below took: sent, or buffered by TLS
+                let taken: usize =
+                    bufs[..n].iter().map(|b| b.pos.offset_from(b.start) as usize).sum();
+                self.out.consume(taken);
+                if taken == 0 && !rest.is_null() || (*(*c).write).ready() == 0 {
+                    break;
+                }
+                if n == 0 {
+                    // a flush of the TLS buffer that did not block has nothing more to do
                     break;
                 }
             }
@@ -692,7 +710,7 @@ impl Subscriber {
     /// Finalizes the request once the connection has nothing left to do. The subscriber
     /// is freed by the cleanup: nothing may touch `self` afterwards.
     fn finish_if_done(&mut self) {
-        let idle = self.out.is_empty();
+        let idle = self.out.is_empty() && !self.lower_buffered();
         let done = match self.state {
             State::Dead => true,
             State::ClosingPeer => idle,

@@ -6,7 +6,7 @@ package PgPush::WS;
 # raw() lets a test send deliberately broken frames.
 #
 #   my $ws = PgPush::WS->connect('/ws?id=ch1', port => 8080, headers => {Origin => 'x'});
-#   (rcvbuf => 4096 makes a client whose receive window fills quickly)
+#   (rcvbuf => 4096 makes a client whose receive window fills quickly; ssl => 1 is wss://)
 #   $ws->{status}                    101, or the HTTP status of a refused handshake
 #   $ws->send_text('hi');  $ws->ping('x');  $ws->close(1000, 'bye');
 #   my $f = $ws->read_frame(2);      {opcode, fin, rsv, payload} or undef on timeout/EOF
@@ -28,7 +28,13 @@ sub connect {
 	# raw_port: a real port, not one of the test ports Test::Nginx remaps
 	my $port = $opts{raw_port} // Test::Nginx::port($opts{port} || 8080);
 	my $sock;
-	if (my $rcvbuf = $opts{rcvbuf}) {
+	if ($opts{ssl}) {
+		require IO::Socket::SSL;
+		$sock = IO::Socket::SSL->new(
+			PeerAddr => "127.0.0.1:$port", Timeout => 5,
+			SSL_verify_mode => IO::Socket::SSL::SSL_VERIFY_NONE(),
+		) or die "cannot connect to 127.0.0.1:$port over TLS: $IO::Socket::SSL::SSL_ERROR\n";
+	} elsif (my $rcvbuf = $opts{rcvbuf}) {
 		# a small receive buffer, set before connecting so the window stays small
 		$sock = IO::Socket::INET->new(Proto => 'tcp') or die "socket: $!\n";
 		setsockopt($sock, SOL_SOCKET, SO_RCVBUF, $rcvbuf) or die "SO_RCVBUF: $!\n";
@@ -41,7 +47,8 @@ sub connect {
 	}
 	$sock->autoflush(1);
 
-	my $hs = Protocol::WebSocket::Handshake::Client->new(url => "ws://127.0.0.1:$port$path");
+	my $scheme = $opts{ssl} ? 'wss' : 'ws';
+	my $hs = Protocol::WebSocket::Handshake::Client->new(url => "$scheme://127.0.0.1:$port$path");
 	my $req = $hs->to_string;
 	if (my $h = $opts{headers}) {
 		my $extra = join '', map { "$_: $h->{$_}\r\n" } sort keys %$h;
@@ -78,7 +85,9 @@ sub _fill {
 	my ($self, $deadline) = @_;
 	my $left = $deadline - time;
 	return 0 if $left <= 0;
-	return 0 unless IO::Select->new($self->{sock})->can_read($left);
+	# TLS may hold decrypted bytes that select() cannot see
+	my $pending = $self->{sock}->can('pending') && $self->{sock}->pending;
+	return 0 unless $pending || IO::Select->new($self->{sock})->can_read($left);
 	my $n = $self->{sock}->sysread(my $chunk, 65536);
 	return 0 unless $n;
 	$self->{buf} .= $chunk;
@@ -213,7 +222,9 @@ sub eof {
 	my $deadline = time + ($timeout // 3);
 	while (time < $deadline) {
 		return 0 if length $self->{buf};
-		return 1 unless IO::Select->new($self->{sock})->can_read($deadline - time);
+		my $pending = $self->{sock}->can('pending') && $self->{sock}->pending;
+		# nothing to read before the deadline: the connection is still open
+		return 0 unless $pending || IO::Select->new($self->{sock})->can_read($deadline - time);
 		my $n = $self->{sock}->sysread(my $chunk, 65536);
 		return 1 if !$n;
 		$self->{buf} .= $chunk;
