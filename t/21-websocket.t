@@ -9,6 +9,7 @@
 use warnings;
 use strict;
 
+use IO::Select;
 use Test::More;
 use Time::HiRes qw/ sleep /;
 
@@ -23,7 +24,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(45);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(48);
 
 $t->write_file_expand('nginx.conf', <<'EOF');
 
@@ -106,12 +107,29 @@ Host: localhost
 Connection: Upgrade
 Upgrade: websocket
 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==
+Sec-WebSocket-Version: 7
+
+EOR
+like($r, qr/^HTTP\/1\.1 400/, 'version 7 refused');
+like($r, qr/X-Nginx-PushStream-Explain: Version not supported\. Supported versions: 8, 13/,
+	'version explained');
+like($r, qr/^Sec-WebSocket-Version: 8, 13\r$/m, 'supported versions listed');
+
+# push-stream's own exchange, byte for byte: HTTP/1.0, version 8
+my $sock = http(<<EOR, start => 1);
+GET /ws?id=raw HTTP/1.0
+Connection: Upgrade
+Sec-WebSocket-Key: /mQoZf6pRiv8+6o72GncLQ==
+Upgrade: websocket
 Sec-WebSocket-Version: 8
 
 EOR
-like($r, qr/^HTTP\/1\.1 400/, 'version 8 refused');
-like($r, qr/X-Nginx-PushStream-Explain: Version not supported\. Supported versions: 13/,
-	'version explained');
+my $head = read_until($sock, "\r\n\r\n");
+is($head, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\n"
+	. "Sec-WebSocket-Accept: RaIOIcQ6CBoc74B9EKdH0avYZnw=\r\n\r\n", 'the 101 as push-stream sends it');
+publish('raw', 'Hello');
+is(read_until($sock, 'Hello'), "\x81\x05Hello", 'a message as push-stream frames it');
+close $sock;
 
 $r = http(<<EOR);
 POST /ws?id=hs HTTP/1.1
@@ -212,8 +230,7 @@ while (my $m = $ws->read_message(4)) {
 }
 cmp_ok($pings, '>=', 2, 'server pings every ping_message_interval');
 is($footer, 'FOOTER', 'footer template before the close at the ttl');
-($code) = PgPush::WS->close_status($close);
-is($code, 1000, 'connection ttl: normal close');
+is($close && $close->{payload}, '', 'connection ttl: a close frame without a code, as push-stream');
 $ws->close(1000);
 ok($ws->eof(3), 'closed after the ttl');
 
@@ -273,6 +290,18 @@ sub payload {
 		return $m->{payload};
 	}
 	return undef;
+}
+
+# Reads from a raw socket until $end has arrived; everything read.
+sub read_until {
+	my ($sock, $end) = @_;
+	my $buf = '';
+	my $sel = IO::Select->new($sock);
+	while (index($buf, $end) < 0) {
+		last unless $sel->can_read(3);
+		last unless $sock->sysread($buf, 4096, length $buf);
+	}
+	return $buf;
 }
 
 # Sends bytes on a fresh subscriber; the close code the server answers with.

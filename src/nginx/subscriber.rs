@@ -24,8 +24,7 @@ use std::rc::Rc;
 use nginx_sys::{
     ngx_buf_t, ngx_chain_t, ngx_connection_t, ngx_event_t, ngx_http_cleanup_t,
     ngx_http_core_loc_conf_t, ngx_http_request_t, ngx_int_t, ngx_msec_t, ngx_posted_events,
-    ngx_str_t, NGX_HTTP_CLOSE, NGX_HTTP_GET, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_LOG_ERR,
-    NGX_LOG_INFO,
+    NGX_HTTP_CLOSE, NGX_HTTP_GET, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_LOG_ERR, NGX_LOG_INFO,
 };
 use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule};
 use tungstenite::error::{Error as WsError, ProtocolError};
@@ -38,7 +37,7 @@ use crate::nginx::http::{self, finalize, DONE, ERROR, OK};
 use crate::nginx::worker;
 use crate::protocol::channels::{self, Limits};
 use crate::protocol::template::Values;
-use crate::protocol::websocket::{self as ws, close, HandshakeRequest};
+use crate::protocol::websocket::{self as ws, close, HandshakeError, HandshakeRequest};
 
 /// How long a closing connection waits for the client's close frame.
 const CLOSE_TIMEOUT: ngx_msec_t = 5000;
@@ -132,6 +131,11 @@ fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
         Err(e) => {
             // a client that asked for an upgrade will not reuse this connection
             r.set_keepalive(0);
+            if e == HandshakeError::Version
+                && http::header_out(r, "Sec-WebSocket-Version", ws::SUPPORTED_VERSIONS).is_err()
+            {
+                return Err(ERROR);
+            }
             return Ok(http::send_explain(r, 400, &e.to_string()));
         }
     };
@@ -258,7 +262,7 @@ extern "C" fn on_read(rev: *mut ngx_event_t) {
         rev.set_timedout(0);
         match sub.state {
             // push_stream_subscriber_connection_ttl
-            State::Open => sub.start_close(close::NORMAL, ""),
+            State::Open => sub.start_close(None, ""),
             _ => sub.state = State::Dead,
         }
     } else {
@@ -399,7 +403,7 @@ fn fan_out(keys: &[SubKey], values: Values<'_>) {
                 values.channel
             );
             sub.out.drop_unsent();
-            sub.start_close(close::TRY_AGAIN_LATER, "Subscriber too slow");
+            sub.start_close(Some(close::TRY_AGAIN_LATER), "Subscriber too slow");
         }
         if !sub.dirty {
             sub.dirty = true;
@@ -422,7 +426,7 @@ pub fn going_away(key: SubKey) {
     // SAFETY: listed keys are live
     let sub = unsafe { key.get() };
     if sub.state == State::Open {
-        sub.start_close(close::GOING_AWAY, "");
+        sub.start_close(Some(close::GOING_AWAY), "");
         sub.flush();
     }
     sub.state = State::Dead;
@@ -439,33 +443,21 @@ impl Subscriber {
     fn open(&mut self) -> Result<(), ()> {
         // SAFETY: the request is alive and its header not sent yet
         let r = unsafe { &mut *self.r };
+        // push-stream's head, written as it is (no other header applies to an upgrade);
+        // the request still logs a 101
         r.headers_out.status = nginx_sys::NGX_HTTP_SWITCHING_PROTOCOLS as _;
-        const LINE: &str = "101 Switching Protocols";
-        r.headers_out.status_line = ngx_str_t { len: LINE.len(), data: LINE.as_ptr().cast_mut() };
+        r.set_header_sent(1);
         r.set_keepalive(0);
-        http::header_out(r, "Upgrade", "websocket")?;
-        http::header_out(r, "Sec-WebSocket-Accept", &self.accept)?;
-        if let Some((_, explain)) = &self.refusal {
-            http::header_out(r, http::EXPLAIN, explain)?;
-        }
-        // SAFETY: the header is sent once
-        let rc = unsafe { nginx_sys::ngx_http_send_header(r) };
-        if rc == ERROR || rc > OK {
-            return Err(());
-        }
-        // SAFETY: pushes the buffered header out
-        if unsafe { nginx_sys::ngx_http_send_special(r, nginx_sys::NGX_HTTP_FLUSH as _) } == ERROR {
-            return Err(());
-        }
-        if !r.out.is_null() {
-            // a fresh socket that cannot take ~200 bytes: not worth holding the request
+        let explain = self.refusal.as_ref().map(|(_, e)| e.as_str());
+        self.out.push(Rc::from(ws::response_head(&self.accept, explain)));
+        self.state = State::Open;
+        if self.write_out().is_err() {
             return Err(());
         }
         self.detach();
-        self.state = State::Open;
 
         if let Some((status, explain)) = self.refusal.take() {
-            self.start_close(close::POLICY, &ws::channel_error_reason(status, &explain));
+            self.start_close(Some(close::POLICY), &ws::channel_error_reason(status, &explain));
             self.flush();
             return Ok(());
         }
@@ -536,8 +528,9 @@ impl Subscriber {
         self.out.push(Rc::from(buf));
     }
 
-    /// Starts the closing handshake: footer, close frame, then wait for the client.
-    fn start_close(&mut self, code: u16, reason: &str) {
+    /// Starts the closing handshake: footer, close frame (without a code when `None`, as
+    /// push-stream ends a connection at its ttl), then wait for the client.
+    fn start_close(&mut self, code: Option<u16>, reason: &str) {
         if self.state != State::Open {
             return;
         }
@@ -546,7 +539,10 @@ impl Subscriber {
             self.push_text(footer);
         }
         let mut buf = Vec::new();
-        ws::encode_close(code, reason, &mut buf);
+        match code {
+            Some(code) => ws::encode_close(code, reason, &mut buf),
+            None => buf.extend_from_slice(&ws::EMPTY_CLOSE),
+        }
         self.out.push(Rc::from(buf));
         self.state = State::Closing { answered: false };
         // SAFETY: the read timer now bounds the closing handshake
@@ -601,7 +597,7 @@ impl Subscriber {
             }
             Err((code, reason)) => {
                 self.ws = None;
-                self.start_close(code, &reason);
+                self.start_close(Some(code), &reason);
             }
         }
     }

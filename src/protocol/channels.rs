@@ -41,11 +41,12 @@ pub struct Limits<'a> {
     pub pg_prefix: &'a str,
 }
 
-/// Splits a channels path into channels, push-stream style: `/`-separated ids, each with an
-/// optional `.bN` backtrack suffix; empty segments are ignored and repeats merged. Each id
-/// is percent-decoded after the split, so `%2F` puts a `/` inside an id.
+/// Splits a channels path into channels, push-stream style: the value is percent-decoded,
+/// then split into `/`-separated ids, each with an optional `.bN` backtrack suffix; empty
+/// segments are ignored and repeats merged.
 pub fn parse_path(path: &[u8], limits: Limits<'_>) -> Result<Vec<ChannelRequest>, ChannelError> {
     let mut out: Vec<ChannelRequest> = Vec::new();
+    let path = unescape(path);
     for seg in path.split(|&b| b == b'/') {
         if seg.is_empty() {
             continue;
@@ -54,7 +55,7 @@ pub fn parse_path(path: &[u8], limits: Limits<'_>) -> Result<Vec<ChannelRequest>
         if id.is_empty() {
             continue;
         }
-        let id = check_id(&unescape(id), limits)?;
+        let id = check_id(id, limits)?;
         match out.iter_mut().find(|c| c.id == id) {
             Some(c) => c.backtrack = c.backtrack.max(backtrack),
             None => out.push(ChannelRequest { id, backtrack }),
@@ -159,7 +160,10 @@ mod tests {
         assert_eq!(parse_path(b"", L), Err(ChannelError::NoChannel));
         assert_eq!(parse_path(b"//", L), Err(ChannelError::NoChannel));
         assert_eq!(parse_path(b".b5", L), Err(ChannelError::NoChannel));
-        assert_eq!(ids(&parse_path(b"a%2Fb/c%22d.b1", L).unwrap()), [("a/b", 0), ("c\"d", 1)]);
+        assert_eq!(
+            ids(&parse_path(b"a%2Fb/c%22d.b1", L).unwrap()),
+            [("a", 0), ("b", 0), ("c\"d", 1)]
+        );
     }
 
     /// Channel paths come from the network: random bytes never panic, and whatever is

@@ -38,13 +38,17 @@ pub enum HandshakeError {
          Sec-WebSocket-Key and Sec-WebSocket-Version"
     )]
     MissingHeaders,
-    #[error("Version not supported. Supported versions: 13")]
+    #[error("Version not supported. Supported versions: 8, 13")]
     Version,
     #[error("Sec-WebSocket-Key must be 16 bytes in base64.")]
     BadKey,
 }
 
-/// Checks a version-13 handshake and returns the `Sec-WebSocket-Accept` value.
+/// The versions accepted, as push-stream lists them in `Sec-WebSocket-Version` when it
+/// refuses another one. Version 8 (hybi-08) has RFC 6455's handshake and framing.
+pub const SUPPORTED_VERSIONS: &str = "8, 13";
+
+/// Checks a version 8 or 13 handshake and returns the `Sec-WebSocket-Accept` value.
 pub fn accept(req: &HandshakeRequest<'_>) -> Result<String, HandshakeError> {
     let (Some(upgrade), Some(connection), Some(key), Some(version)) =
         (req.upgrade, req.connection, req.key, req.version)
@@ -54,7 +58,7 @@ pub fn accept(req: &HandshakeRequest<'_>) -> Result<String, HandshakeError> {
     if !has_token(upgrade, b"websocket") || !has_token(connection, b"upgrade") {
         return Err(HandshakeError::MissingHeaders);
     }
-    if version.trim_ascii() != b"13" {
+    if !matches!(version.trim_ascii(), b"13" | b"8") {
         return Err(HandshakeError::Version);
     }
     let key = key.trim_ascii();
@@ -100,6 +104,26 @@ pub fn encode_close(code: u16, reason: &str, out: &mut Vec<u8>) {
     encode(OP_CLOSE, &payload, out);
 }
 
+/// The `101` response head, push-stream's: only the headers WebSocket needs (and the
+/// explanation of a refused channel, which then follows as a 1008 close frame).
+pub fn response_head(accept: &str, explain: Option<&str>) -> Vec<u8> {
+    let mut h = Vec::with_capacity(160);
+    h.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\n");
+    h.extend_from_slice(b"Connection: Upgrade\r\nSec-WebSocket-Accept: ");
+    h.extend_from_slice(accept.as_bytes());
+    h.extend_from_slice(b"\r\n");
+    if let Some(e) = explain {
+        h.extend_from_slice(b"X-Nginx-PushStream-Explain: ");
+        h.extend_from_slice(e.as_bytes());
+        h.extend_from_slice(b"\r\n");
+    }
+    h.extend_from_slice(b"\r\n");
+    h
+}
+
+/// A close frame without a status code, as push-stream sends at the connection ttl.
+pub const EMPTY_CLOSE: [u8; 2] = [0x80 | OP_CLOSE, 0];
+
 /// push-stream's close reason for a refused channel: `{"http_status": N, "explain":"..."}`.
 pub fn channel_error_reason(status: u16, explain: &str) -> String {
     let explain = serde_json::Value::from(explain);
@@ -126,7 +150,8 @@ mod tests {
             accept(&req(b"dGhlIHNhbXBsZSBub25jZQ==", b"13")).unwrap(),
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
-        assert_eq!(accept(&req(b"dGhlIHNhbXBsZSBub25jZQ==", b"8")), Err(HandshakeError::Version));
+        assert!(accept(&req(b"dGhlIHNhbXBsZSBub25jZQ==", b"8")).is_ok());
+        assert_eq!(accept(&req(b"dGhlIHNhbXBsZSBub25jZQ==", b"7")), Err(HandshakeError::Version));
         assert_eq!(accept(&req(b"short", b"13")), Err(HandshakeError::BadKey));
         let mut r = req(b"dGhlIHNhbXBsZSBub25jZQ==", b"13");
         r.upgrade = None;
@@ -156,6 +181,18 @@ mod tests {
         assert_eq!(out[1], 124);
         assert_eq!(&out[2..4], &[0x03, 0xf0]);
         assert!(std::str::from_utf8(&out[4..]).is_ok());
+    }
+
+    #[test]
+    fn head() {
+        let h = response_head("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", None);
+        assert_eq!(
+            h,
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+        );
+        let h = String::from_utf8(response_head("k", Some("No channel id provided."))).unwrap();
+        assert!(h.ends_with("X-Nginx-PushStream-Explain: No channel id provided.\r\n\r\n"));
     }
 
     #[test]
