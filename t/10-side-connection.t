@@ -16,6 +16,7 @@ BEGIN { use FindBin; chdir($FindBin::Bin); }
 
 BEGIN { push @INC, "$FindBin::Bin/lib"; }
 use Test::Nginx;
+use PgPush qw/ wait_log /;
 use PgPush::PG;
 
 ###############################################################################
@@ -58,14 +59,14 @@ EOF
 
 $t->run();
 
-ok(wait_sessions($pg, 2), 'one side connection per worker');
+ok($pg->wait_sessions(2), 'one side connection per worker');
 like($t->read_file('error.log'), qr/\[notice\].*pgpush: connected to postgres postgres\@127\.0\.0\.1:\d+\/postgres/,
 	'connection logged');
 
 # the database restarts under the workers
 $pg->restart();
 ok(wait_log($t, qr/reconnected to postgres/, 2), 'both workers reconnected after a restart');
-ok(wait_sessions($pg, 2), 'two side connections again');
+ok($pg->wait_sessions(2), 'two side connections again');
 my $log = $t->read_file('error.log');
 my @lost = $log =~ /\[error\].*pgpush: connection to postgres .* lost/g;
 is(scalar @lost, 2, 'the loss is logged once per worker');
@@ -73,13 +74,13 @@ is(scalar @lost, 2, 'the loss is logged once per worker');
 # an administrator kills the backends
 $pg->terminate_sessions();
 ok(wait_log($t, qr/reconnected to postgres/, 4), 'reconnected after pg_terminate_backend');
-ok(wait_sessions($pg, 2), 'two side connections after termination');
+ok($pg->wait_sessions(2), 'two side connections after termination');
 
 like(http_get('/'), qr/200 OK/, 'nginx served throughout');
 
 # stop nginx: the connections are closed, not dropped
 $t->stop();
-ok(wait_sessions($pg, 0), 'connections closed at shutdown');
+ok($pg->wait_sessions(0), 'connections closed at shutdown');
 unlike($t->read_file('error.log'), qr/hunter2/, 'password never logged');
 
 ###############################################################################
@@ -92,32 +93,6 @@ $t->write_file('error.log', '');
 $t->run();
 like(http_get('/'), qr/200 OK/, 'serves while the database is down');
 $pg->restart();
-ok(wait_sessions($pg, 2), 'connected once the database came up');
-
-###############################################################################
-
-# The helpers take $t and $pg as arguments: a named sub closing over them would keep them
-# alive past the end of the tests, and the "no alerts" check runs when $t goes away.
-sub wait_sessions {
-	my ($pg, $n) = @_;
-	for (1 .. 100) {
-		my $rows = eval { $pg->sessions() } || [];
-		return 1 if @$rows == $n;
-		sleep 0.1;
-	}
-	my $rows = eval { $pg->sessions() } || [];
-	diag('sessions: ' . scalar @$rows);
-	return 0;
-}
-
-sub wait_log {
-	my ($t, $re, $count) = @_;
-	for (1 .. 100) {
-		my @m = $t->read_file('error.log') =~ /$re/g;
-		return 1 if @m >= $count;
-		sleep 0.1;
-	}
-	return 0;
-}
+ok($pg->wait_sessions(2), 'connected once the database came up');
 
 ###############################################################################

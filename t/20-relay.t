@@ -19,6 +19,7 @@ BEGIN { use FindBin; chdir($FindBin::Bin); }
 
 BEGIN { push @INC, "$FindBin::Bin/lib"; }
 use Test::Nginx;
+use PgPush qw/ publish wait_log /;
 use PgPush::PG;
 use PgPush::WS;
 
@@ -86,7 +87,7 @@ http {
 EOF
 
 $t->run();
-ok(wait_sessions($pg, 2), 'two side connections');
+ok($pg->wait_sessions(2), 'two side connections');
 
 ###############################################################################
 
@@ -104,17 +105,17 @@ is($m->{payload}, $payload, 'NOTIFY payload delivered byte-exact');
 my $js = PgPush::WS->connect('/json?id=news');
 $pg->notify('news', 'templated');
 # ~id~ counts the channel's messages in the worker (ids from stored messages come later)
-like(payload($js), qr/^\{"id":\d+,"channel":"news","text":"templated"\}\z/,
+like($js->payload, qr/^\{"id":\d+,"channel":"news","text":"templated"\}\z/,
 	'message template applied');
-is(payload($ws), 'templated', 'same message untouched where there is no template');
+is($ws->payload, 'templated', 'same message untouched where there is no template');
 
 # SQL NOTIFY as well as pg_notify(); a transaction delivers at commit, in order
 $pg->do(q{NOTIFY news, 'from NOTIFY'});
-is(payload($ws), 'from NOTIFY', 'NOTIFY statement delivered');
+is($ws->payload, 'from NOTIFY', 'NOTIFY statement delivered');
 $pg->do('BEGIN');
 $pg->notify('news', "tx $_") for 1 .. 3;
 $pg->do('COMMIT');
-is(join(',', map { payload($ws) } 1 .. 3), 'tx 1,tx 2,tx 3', 'transaction delivered in order');
+is(join(',', map { $ws->payload } 1 .. 3), 'tx 1,tx 2,tx 3', 'transaction delivered in order');
 undef $js;
 
 ###############################################################################
@@ -123,39 +124,39 @@ undef $js;
 
 my @subs = map { PgPush::WS->connect('/ws?id=fan') } 1 .. 20;
 is(scalar(grep { $_->{status} == 101 } @subs), 20, '20 subscribers');
-ok(wait_query($pg, qr/LISTEN "fan"/, 2), 'both workers LISTEN on the channel');
+ok($pg->wait_query(qr/LISTEN "fan"/, 2), 'both workers LISTEN on the channel');
 $pg->notify('fan', "to all $_") for 1 .. 5;
 my $all = 1;
 for my $s (@subs) {
-	my $got = join ',', map { payload($s) // 'none' } 1 .. 5;
+	my $got = join ',', map { $s->payload // 'none' } 1 .. 5;
 	$all = 0, diag("got $got") unless $got eq join ',', map { "to all $_" } 1 .. 5;
 }
 ok($all, 'every subscriber in both workers got every message, in order');
 undef @subs;
-ok(wait_query($pg, qr/UNLISTEN "fan"/, 2), 'both workers UNLISTEN after the last subscriber');
+ok($pg->wait_query(qr/UNLISTEN "fan"/, 2), 'both workers UNLISTEN after the last subscriber');
 
 ###############################################################################
 
 # LISTEN follows the first and the last subscriber
 
 my $a = PgPush::WS->connect('/ws?id=life');
-ok(wait_query($pg, qr/LISTEN "life"/, 1), 'LISTEN with the first subscriber');
+ok($pg->wait_query(qr/LISTEN "life"/, 1), 'LISTEN with the first subscriber');
 my $b = PgPush::WS->connect('/ws?id=life');
 $pg->notify('life', 'both');
-is(payload($a) . payload($b), 'bothboth', 'both subscribers get it');
+is($a->payload . $b->payload, 'bothboth', 'both subscribers get it');
 undef $a;
 sleep 0.3;
 $pg->notify('life', 'one left');
-is(payload($b), 'one left', 'the remaining subscriber still gets messages');
+is($b->payload, 'one left', 'the remaining subscriber still gets messages');
 undef $b;
-ok(wait_query($pg, qr/UNLISTEN "life"/, 1), 'UNLISTEN after the last one');
+ok($pg->wait_query(qr/UNLISTEN "life"/, 1), 'UNLISTEN after the last one');
 
 # churn: many short subscribers leave no LISTEN behind
 for (1 .. 30) {
 	my $c = PgPush::WS->connect('/ws?id=churn');
 	$c->close(1000);
 }
-ok(wait_query($pg, qr/UNLISTEN "churn"/, 1), 'churn ends with UNLISTEN');
+ok($pg->wait_query(qr/UNLISTEN "churn"/, 1), 'churn ends with UNLISTEN');
 
 ###############################################################################
 
@@ -168,7 +169,7 @@ for my $id ('quo"te', 'semi;colon', "it's", 'a"; DROP TABLE x; --', 'ünïcödé
 	$enc =~ s/([^A-Za-z0-9])/sprintf('%%%02X', ord $1)/ge;
 	my $s = PgPush::WS->connect("/ws?id=$enc");
 	$pg->notify(decode_utf8($id), decode_utf8("for $id"));
-	is(payload($s), "for $id", "channel id $id");
+	is($s->payload, "for $id", "channel id $id");
 }
 
 my $long = 'x' x 64;
@@ -180,23 +181,23 @@ like($reason, qr/^\{"http_status": 400, "explain":"Channel id is too large/,
 ok(!grep({ ($_->[2] // '') =~ /x{64}/ } @{$pg->sessions()}), 'no LISTEN sent for it');
 $s = PgPush::WS->connect('/ws?id=' . 'y' x 63);
 $pg->notify('y' x 63, '63 bytes');
-is(payload($s), '63 bytes', 'a 63-byte channel works');
+is($s->payload, '63 bytes', 'a 63-byte channel works');
 
 ###############################################################################
 
 # the HTTP publisher goes through PostgreSQL: every worker delivers
 
 @subs = map { PgPush::WS->connect('/ws?id=pub') } 1 .. 16;
-ok(wait_query($pg, qr/LISTEN "pub"/, 2), 'publisher test: both workers listen');
+ok($pg->wait_query(qr/LISTEN "pub"/, 2), 'publisher test: both workers listen');
 my $r = publish('pub', 'over http');
 like($r, qr/^HTTP\/1\.1 200/, 'publish: 200');
 like($r, qr/^\{"channel": "pub", "published_messages": \d+, "stored_messages": 0, "subscribers": \d+\}\r$/m,
 	'publish: channel info JSON');
-is(scalar(grep { (payload($_) // '') eq 'over http' } @subs), 16, 'published message delivered everywhere');
+is(scalar(grep { ($_->payload // '') eq 'over http' } @subs), 16, 'published message delivered everywhere');
 
 $r = publish('pub', 'same');
 $r = publish('pub', 'same');
-is(scalar(grep { (payload($_) // '') . (payload($_) // '') eq 'samesame' } @subs), 16,
+is(scalar(grep { ($_->payload // '') . ($_->payload // '') eq 'samesame' } @subs), 16,
 	'identical messages are not folded into one');
 
 $r = publish('pub', '');
@@ -226,22 +227,22 @@ undef @subs;
 
 @subs = map { PgPush::WS->connect('/ws?id=survive') } 1 .. 16;
 my $tagged = PgPush::WS->connect('/json?id=survive');
-ok(wait_query($pg, qr/LISTEN "survive"/, 2), 'restart test: both workers listen');
+ok($pg->wait_query(qr/LISTEN "survive"/, 2), 'restart test: both workers listen');
 $t->write_file('error.log', '');
 $pg->restart();
 ok(wait_log($t, qr/reconnected to postgres/, 2), 'both workers reconnected after the restart');
-is(scalar(grep { (payload($_) // 'none') eq '' } @subs), 16,
+is(scalar(grep { ($_->payload // 'none') eq '' } @subs), 16,
 	'every subscriber is told of the gap');
-is(payload($tagged), '{"id":-4,"channel":"survive","text":""}', 'the gap message has id -4');
+is($tagged->payload, '{"id":-4,"channel":"survive","text":""}', 'the gap message has id -4');
 $pg->notify('survive', 'after restart');
-is(scalar(grep { (payload($_) // '') eq 'after restart' } @subs), 16,
+is(scalar(grep { ($_->payload // '') eq 'after restart' } @subs), 16,
 	'delivered to every subscriber after the restart');
 
 $pg->terminate_sessions();
 ok(wait_log($t, qr/reconnected to postgres/, 4), 'both workers reconnected after termination');
-is(scalar(grep { (payload($_) // 'none') eq '' } @subs), 16, 'gap told again');
+is(scalar(grep { ($_->payload // 'none') eq '' } @subs), 16, 'gap told again');
 $pg->notify('survive', 'after terminate');
-is(scalar(grep { (payload($_) // '') eq 'after terminate' } @subs), 16,
+is(scalar(grep { ($_->payload // '') eq 'after terminate' } @subs), 16,
 	'delivered to every subscriber after pg_terminate_backend');
 unlike($t->read_file('error.log'), qr/\[(alert|crit|emerg)\]|signal \d+/, 'no worker crashed');
 undef @subs;
@@ -255,7 +256,7 @@ my $fast = PgPush::WS->connect('/roomy?id=slow');
 my $chunk = 'm' x 7000;
 $pg->do(q{SELECT pg_notify('slow', i || $1) FROM generate_series(1, 400) i}, $chunk);
 my $n = 0;
-while (my $p = payload($fast)) {
+while (my $p = $fast->payload) {
 	$n++;
 	last if $n == 400;
 }
@@ -282,10 +283,10 @@ $s = PgPush::WS->connect('/ws?id=later');
 is($s->{status}, 101, 'a subscriber is accepted while the database is down');
 $pg->restart();
 ok(wait_log($t, qr/reconnected to postgres/, 2), 'reconnected once the database is back');
-ok(wait_query($pg, qr/LISTEN "later"/, 1), 'its channel is LISTENed on reconnect');
-is(payload($s), '', 'it is told of the gap');
+ok($pg->wait_query(qr/LISTEN "later"/, 1), 'its channel is LISTENed on reconnect');
+is($s->payload, '', 'it is told of the gap');
 $pg->notify('later', 'now');
-is(payload($s), 'now', 'and it gets messages');
+is($s->payload, 'now', 'and it gets messages');
 
 ###############################################################################
 
@@ -293,7 +294,7 @@ is(payload($s), 'now', 'and it gets messages');
 # the new workers relay
 
 @subs = map { PgPush::WS->connect('/ws?id=reload') } 1 .. 4;
-ok(wait_query($pg, qr/LISTEN "reload"/, 1), 'reload test: listening');
+ok($pg->wait_query(qr/LISTEN "reload"/, 1), 'reload test: listening');
 $t->reload();
 my $told = 0;
 for my $c (@subs) {
@@ -306,69 +307,10 @@ for my $c (@subs) {
 }
 is($told, 4, 'reload: every subscriber of the old workers got 1001');
 ok(wait_log($t, qr/gracefully shutting down/, 2), 'old workers shut down');
-ok(wait_sessions($pg, 2), 'two side connections after the reload, not four');
+ok($pg->wait_sessions(2), 'two side connections after the reload, not four');
 $s = PgPush::WS->connect('/ws?id=reload');
-ok(wait_query($pg, qr/LISTEN "reload"/, 1), 'a new worker listens');
+ok($pg->wait_query(qr/LISTEN "reload"/, 1), 'a new worker listens');
 $pg->notify('reload', 'new workers');
-is(payload($s), 'new workers', 'the new workers relay');
-
-###############################################################################
-
-sub publish {
-	my ($ch, $msg) = @_;
-	my $len = length $msg;
-	return http(<<EOR);
-POST /pub?id=$ch HTTP/1.0
-Host: localhost
-Content-Length: $len
-
-$msg
-EOR
-}
-
-# The next data payload, skipping pings.
-sub payload {
-	my ($ws) = @_;
-	while (my $m = $ws->read_message(3)) {
-		next if $m->{opcode} == 9;
-		return $m->{payload};
-	}
-	return undef;
-}
-
-# The helpers take $t and $pg as arguments: a named sub closing over them would keep them
-# alive past the end of the tests, and the "no alerts" check runs when $t goes away.
-sub wait_sessions {
-	my ($pg, $n) = @_;
-	for (1 .. 100) {
-		my $rows = eval { $pg->sessions() } || [];
-		return 1 if @$rows == $n;
-		sleep 0.1;
-	}
-	return 0;
-}
-
-# At least $count side connections last ran a statement matching $re.
-sub wait_query {
-	my ($pg, $re, $count) = @_;
-	for (1 .. 50) {
-		my $rows = eval { $pg->sessions() } || [];
-		return 1 if grep({ ($_->[2] // '') =~ $re } @$rows) >= $count;
-		sleep 0.1;
-	}
-	my $rows = eval { $pg->sessions() } || [];
-	diag('last statements: ' . join(' | ', map { $_->[2] // '' } @$rows));
-	return 0;
-}
-
-sub wait_log {
-	my ($t, $re, $count) = @_;
-	for (1 .. 100) {
-		my @m = $t->read_file('error.log') =~ /$re/g;
-		return 1 if @m >= $count;
-		sleep 0.1;
-	}
-	return 0;
-}
+is($s->payload, 'new workers', 'the new workers relay');
 
 ###############################################################################

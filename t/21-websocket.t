@@ -17,6 +17,7 @@ BEGIN { use FindBin; chdir($FindBin::Bin); }
 
 BEGIN { push @INC, "$FindBin::Bin/lib"; }
 use Test::Nginx;
+use PgPush qw/ publish /;
 use PgPush::WS;
 
 ###############################################################################
@@ -157,7 +158,7 @@ is($ws->header('X-Nginx-PushStream-Explain'), 'No channel id provided.',
 
 $ws = PgPush::WS->connect('/ws?id=frames');
 publish('frames', 'first');
-is(payload($ws), 'first', 'text frame delivered');
+is($ws->payload, 'first', 'text frame delivered');
 
 $ws->ping('are you there');
 my $f = $ws->read_frame(3);
@@ -171,11 +172,11 @@ $ws->raw(PgPush::WS->frame(opcode => 1, payload => 'frag', fin => 0)
 $f = $ws->read_frame(3);
 is($f->{opcode}, 10, 'control frame between fragments answered');
 publish('frames', 'after fragments');
-is(payload($ws), 'after fragments', 'fragmented message accepted, connection alive');
+is($ws->payload, 'after fragments', 'fragmented message accepted, connection alive');
 
 $ws->send_binary("\x00\x01\x02");
 publish('frames', 'after binary');
-is(payload($ws), 'after binary', 'binary client message ignored without error');
+is($ws->payload, 'after binary', 'binary client message ignored without error');
 
 $ws->close(1000, 'bye');
 ($code, $reason) = PgPush::WS->close_status($ws->read_frame(3));
@@ -213,11 +214,11 @@ is(fail_code(PgPush::WS->frame(opcode => 9, payload => 'p' x 126)), 1002,
 # templates, pings and the connection ttl
 
 $ws = PgPush::WS->connect('/templated?id=tpl');
-is(payload($ws), 'HEADER', 'header template first');
+is($ws->payload, 'HEADER', 'header template first');
 publish('tpl', 'one');
 publish('tpl', 'twenty');
-is(payload($ws), '[tpl:1:3] one', 'message template, first message');
-is(payload($ws), '[tpl:2:6] twenty', 'message template, second message');
+is($ws->payload, '[tpl:1:3] one', 'message template, first message');
+is($ws->payload, '[tpl:2:6] twenty', 'message template, second message');
 
 my ($pings, $footer, $close) = (0, undef, undef);
 while (my $m = $ws->read_message(4)) {
@@ -236,7 +237,7 @@ ok($ws->eof(3), 'closed after the ttl');
 
 $ws = PgPush::WS->connect('/full?id=full');
 publish('full', 'hello');
-like(payload($ws), qr/^\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT\|\|\|0\|hello\z/,
+like($ws->payload, qr/^\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT\|\|\|0\|hello\z/,
 	'~time~ is an HTTP date; no event type, event id or tag for a plain message');
 
 ###############################################################################
@@ -247,17 +248,17 @@ $ws = PgPush::WS->connect('/ws?id=left/right.b2');
 publish('left', 'L');
 publish('right', 'R');
 publish('elsewhere', 'X');
-is(payload($ws), 'L', 'two channels: first');
-is(payload($ws), 'R', 'two channels: second');
+is($ws->payload, 'L', 'two channels: first');
+is($ws->payload, 'R', 'two channels: second');
 publish('left', 'L2');
-is(payload($ws), 'L2', 'no message of another channel');
+is($ws->payload, 'L2', 'no message of another channel');
 
 ###############################################################################
 
 # nginx stops: held subscribers get a close frame
 
 my $held = PgPush::WS->connect('/templated?id=bye');
-is(payload($held), 'HEADER', 'held subscriber ready');
+is($held->payload, 'HEADER', 'held subscriber ready');
 $t->stop();
 my $last;
 while (my $m = $held->read_message(3)) {
@@ -268,29 +269,6 @@ while (my $m = $held->read_message(3)) {
 is($code, 1001, 'shutdown: close 1001 (going away)');
 
 ###############################################################################
-
-sub publish {
-	my ($ch, $msg) = @_;
-	my $len = length $msg;
-	my $r = http(<<EOR);
-POST /pub?id=$ch HTTP/1.0
-Host: localhost
-Content-Length: $len
-
-$msg
-EOR
-	$r =~ /^HTTP\/1\.\d 200/ or diag("publish failed: $r");
-}
-
-# The next data payload, skipping pings.
-sub payload {
-	my ($ws) = @_;
-	while (my $m = $ws->read_message(3)) {
-		next if $m->{opcode} == 9;
-		return $m->{payload};
-	}
-	return undef;
-}
 
 # Reads from a raw socket until $end has arrived; everything read.
 sub read_until {

@@ -66,10 +66,10 @@ $t->run();
 
 my $ws = PgPush::WS->connect('/ws?id=news');
 is($ws->{status}, 101, 'subscribed');
-ok(wait_query($pg, qr/LISTEN "app_news"/), 'LISTEN on prefix + id');
+ok($pg->wait_query(qr/LISTEN "app_news"/), 'LISTEN on prefix + id');
 $pg->notify('news', 'unprefixed');
 $pg->notify('app_news', 'prefixed');
-is(payload($ws), 'news: prefixed', 'NOTIFY on prefix + id delivered, the template shows the id');
+is($ws->payload, 'news: prefixed', 'NOTIFY on prefix + id delivered, the template shows the id');
 
 my $r = http(<<EOR);
 POST /pub?id=news HTTP/1.0
@@ -79,36 +79,15 @@ Content-Length: 4
 http
 EOR
 like($r, qr/^HTTP\/1\.1 200.*"channel": "news"/ms, 'the publisher answers with the id');
-is(payload($ws), 'news: http', 'the publisher notifies prefix + id');
+is($ws->payload, 'news: http', 'the publisher notifies prefix + id');
 
 # 4 + 59 = 63 bytes fits, 4 + 60 does not
 $ws = PgPush::WS->connect('/ws?id=' . ('y' x 59));
 $pg->notify('app_' . ('y' x 59), 'fits');
-is(payload($ws), ('y' x 59) . ': fits', '63 bytes with the prefix');
+is($ws->payload, ('y' x 59) . ': fits', '63 bytes with the prefix');
 $ws = PgPush::WS->connect('/ws?id=' . ('y' x 60));
 my ($code, $reason) = PgPush::WS->close_status($ws->read_frame(3));
 is($code, 1008, 'over 63 bytes with the prefix: 1008');
 like($reason, qr/prefix and id together must fit in 63 bytes/, 'and why');
-
-###############################################################################
-
-sub payload {
-	my ($ws) = @_;
-	while (my $m = $ws->read_message(3)) {
-		next if $m->{opcode} == 9;
-		return $m->{payload};
-	}
-	return undef;
-}
-
-sub wait_query {
-	my ($pg, $re) = @_;
-	for (1 .. 50) {
-		my $rows = eval { $pg->sessions() } || [];
-		return 1 if grep { ($_->[2] // '') =~ $re } @$rows;
-		sleep 0.1;
-	}
-	return 0;
-}
 
 ###############################################################################

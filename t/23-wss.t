@@ -14,6 +14,7 @@ BEGIN { use FindBin; chdir($FindBin::Bin); }
 
 BEGIN { push @INC, "$FindBin::Bin/lib"; }
 use Test::Nginx;
+use PgPush qw/ publish /;
 use PgPush::WS;
 
 ###############################################################################
@@ -76,14 +77,14 @@ my $ws = PgPush::WS->connect('/ws?id=tls', port => 8081, ssl => 1);
 is($ws->{status}, 101, 'wss handshake');
 
 publish('tls', 'secret');
-is(payload($ws), 'secret', 'delivered over TLS');
+is($ws->payload, 'secret', 'delivered over TLS');
 
 my $big = join '', map { chr(65 + $_ % 26) } 1 .. 7000;
 publish('tls', $big);
-is(payload($ws), $big, 'a 7000-byte message over TLS');
+is($ws->payload, $big, 'a 7000-byte message over TLS');
 
 publish('tls', "m$_") for 1 .. 50;
-is(join(',', map { payload($ws) } 1 .. 50), join(',', map { "m$_" } 1 .. 50),
+is(join(',', map { $ws->payload } 1 .. 50), join(',', map { "m$_" } 1 .. 50),
 	'a burst arrives in order');
 
 $ws->ping('tls ping');
@@ -101,29 +102,5 @@ $ws = PgPush::WS->connect('/ws?id=tls', port => 8081, ssl => 1);
 undef $ws;
 publish('tls', 'nobody');
 like(http_get('/pub?id=tls'), qr/^HTTP\/1\.1 404/, 'the subscriber that vanished is gone');
-
-###############################################################################
-
-sub publish {
-	my ($ch, $msg) = @_;
-	my $len = length $msg;
-	my $r = http(<<EOR);
-POST /pub?id=$ch HTTP/1.0
-Host: localhost
-Content-Length: $len
-
-$msg
-EOR
-	$r =~ /^HTTP\/1\.\d 200/ or diag("publish failed: $r");
-}
-
-sub payload {
-	my ($ws) = @_;
-	while (my $m = $ws->read_message(3)) {
-		next if $m->{opcode} == 9;
-		return $m->{payload};
-	}
-	return undef;
-}
 
 ###############################################################################

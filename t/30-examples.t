@@ -44,11 +44,11 @@ $conf =~ s/worker_connections \d+/worker_connections 1024/;
 $t->write_file_expand('nginx.conf', $conf);
 $t->run();
 
-ok(wait_sessions($pg), 'the example connects to PostgreSQL');
+ok($pg->wait_sessions(), 'the example connects to PostgreSQL');
 my $ws = PgPush::WS->connect('/websocket?id=news');
 is($ws->{status}, 101, 'subscribed to /websocket?id=news');
 $pg->notify('news', 'hello');
-is(payload($ws), 'hello', 'NOTIFY news reached the subscriber');
+is($ws->payload, 'hello', 'NOTIFY news reached the subscriber');
 
 my $r = http(<<EOR);
 POST /publisher?id=news HTTP/1.0
@@ -58,7 +58,7 @@ Content-Length: 10
 over http!
 EOR
 like($r, qr/^HTTP\/1\.1 200.*"channel": "news"/ms, 'POST /publisher answered');
-is(payload($ws), 'over http!', 'the published message reached the subscriber');
+is($ws->payload, 'over http!', 'the published message reached the subscriber');
 
 ###############################################################################
 
@@ -73,25 +73,6 @@ SKIP: {
 }
 
 ###############################################################################
-
-sub payload {
-	my ($ws) = @_;
-	while (my $m = $ws->read_message(3)) {
-		next if $m->{opcode} == 9;
-		return $m->{payload};
-	}
-	return undef;
-}
-
-sub wait_sessions {
-	my ($pg) = @_;
-	for (1 .. 100) {
-		my $rows = eval { $pg->sessions() } || [];
-		return 1 if @$rows;
-		sleep 0.1;
-	}
-	return 0;
-}
 
 sub free_port {
 	my $s = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 0, Listen => 1,

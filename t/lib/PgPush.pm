@@ -6,9 +6,11 @@ use warnings;
 use strict;
 
 use base qw/ Exporter /;
-our @EXPORT_OK = qw/ config_test repo_root module_globals /;
+our @EXPORT_OK = qw/ config_test repo_root module_globals publish wait_log /;
 
 use FindBin;
+use Test::Nginx qw//;
+use Time::HiRes qw//;
 
 sub repo_root {
 	my $dir = __FILE__;
@@ -31,6 +33,30 @@ sub config_test {
 	my $rc = $? >> 8;
 	$out .= $t->read_file("$name.log");
 	return ($rc, $out);
+}
+
+# POSTs $msg to the publisher location /pub?id=$ch; the whole response.
+sub publish {
+	my ($ch, $msg) = @_;
+	my $len = length $msg;
+	return Test::Nginx::http(<<EOR);
+POST /pub?id=$ch HTTP/1.0
+Host: localhost
+Content-Length: $len
+
+$msg
+EOR
+}
+
+# Waits until $t's error.log matches $re at least $count times.
+sub wait_log {
+	my ($t, $re, $count) = @_;
+	for (1 .. 100) {
+		my @m = $t->read_file('error.log') =~ /$re/g;
+		return 1 if @m >= $count;
+		Time::HiRes::sleep(0.1);
+	}
+	return 0;
 }
 
 1;

@@ -13,6 +13,9 @@ package PgPush::PG;
 use warnings;
 use strict;
 
+use Test::More qw//;
+use Time::HiRes qw//;
+
 use DBI;
 use File::Temp qw/ tempdir /;
 use FindBin;
@@ -74,6 +77,32 @@ sub sessions {
 	return $self->query(
 		"SELECT pid, state, query FROM pg_stat_activity WHERE application_name = 'pgpush' "
 		. "ORDER BY pid");
+}
+
+# Waits until there are $n side connections (at least one if $n is undef).
+sub wait_sessions {
+	my ($self, $n) = @_;
+	for (1 .. 100) {
+		my $rows = eval { $self->sessions() } || [];
+		return 1 if defined $n ? @$rows == $n : @$rows > 0;
+		Time::HiRes::sleep(0.1);
+	}
+	return 0;
+}
+
+# Waits until at least $count side connections (default 1) last ran a statement matching
+# $re; says what they ran if that never happens.
+sub wait_query {
+	my ($self, $re, $count) = @_;
+	$count //= 1;
+	for (1 .. 50) {
+		my $rows = eval { $self->sessions() } || [];
+		return 1 if grep({ ($_->[2] // '') =~ $re } @$rows) >= $count;
+		Time::HiRes::sleep(0.1);
+	}
+	my $rows = eval { $self->sessions() } || [];
+	Test::More::diag('last statements: ' . join(' | ', map { $_->[2] // '' } @$rows));
+	return 0;
 }
 
 sub terminate_sessions {

@@ -11,6 +11,7 @@ package PgPush::WS;
 #   $ws->send_text('hi');  $ws->ping('x');  $ws->close(1000, 'bye');
 #   my $f = $ws->read_frame(2);      {opcode, fin, rsv, payload} or undef on timeout/EOF
 #   my $m = $ws->read_message(2);    data frames reassembled; control frames returned as is
+#   my $text = $ws->payload;         the next data payload, pings skipped
 
 use warnings;
 use strict;
@@ -206,6 +207,16 @@ sub read_message {
 		return $msg if $f->{fin};
 	}
 	return $msg;
+}
+
+# The next data payload, pings skipped; undef on timeout or EOF.
+sub payload {
+	my ($self, $timeout) = @_;
+	while (my $m = $self->read_message($timeout)) {
+		next if $m->{opcode} == 9;
+		return $m->{payload};
+	}
+	return undef;
 }
 
 # For a close frame: (code, reason).
