@@ -75,6 +75,8 @@ my @bad = (
 		qr/"push_stream_postgres" directive is duplicate in %F:%H1/],
 	['channel prefix too long', 'push_stream_postgres_channel_prefix ' . ('p' x 63) . ';', '',
 		qr/invalid value "p{63}" in "push_stream_postgres_channel_prefix" directive, it must be at most 62 bytes, as PostgreSQL channel names are in %F:%H/],
+	['channel prefix not UTF-8', "push_stream_postgres_channel_prefix \"ab\xff\";", '',
+		qr/invalid value "ab.*" in "push_stream_postgres_channel_prefix" directive, it must be UTF-8 in %F:%H/],
 	['empty message template', '', 'push_stream_message_template "";',
 		qr/invalid value "" in "push_stream_message_template" directive, it must not be empty in %F:%L/],
 	['missing header template file', '', 'push_stream_header_template_file /nonexistent/header.html;',

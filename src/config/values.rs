@@ -72,6 +72,8 @@ pub enum ValueError {
     TooLong { max: usize },
     #[error("it must not contain NUL bytes")]
     Nul,
+    #[error("it must be UTF-8")]
+    NotUtf8,
     #[error("the minimum must not exceed the maximum")]
     MinAboveMax,
     #[error("it must be greater than zero")]
@@ -85,6 +87,9 @@ pub enum ValueError {
 pub fn channel_prefix(v: &[u8]) -> Result<(), ValueError> {
     if v.contains(&0) {
         return Err(ValueError::Nul);
+    }
+    if core::str::from_utf8(v).is_err() {
+        return Err(ValueError::NotUtf8);
     }
     if v.len() >= PG_MAX_IDENTIFIER {
         return Err(ValueError::TooLong { max: PG_MAX_IDENTIFIER - 1 });

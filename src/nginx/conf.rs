@@ -110,6 +110,11 @@ impl MainConf {
         self.postgres_reconnect.get_or_insert_with(Reconnect::default);
     }
 
+    /// `push_stream_postgres_channel_prefix` (checked to be UTF-8 by its setter).
+    pub fn channel_prefix(&self) -> &str {
+        core::str::from_utf8(self.postgres_channel_prefix.as_bytes()).unwrap_or_default()
+    }
+
     /// A limit as `Some(n)`, or `None` when unlimited.
     pub fn limit(v: ngx_uint_t) -> Option<usize> {
         (v != NGX_CONF_UNSET_UINT).then_some(v)

@@ -70,12 +70,12 @@ extern "C" fn on_body(r: *mut ngx_http_request_t) {
 fn channel(r: &mut ngx_http_request_t) -> Result<(String, String), ngx_int_t> {
     let lcf = http::loc_conf(r);
     let mcf = http::main_conf(r);
-    let prefix = worker::with(|w| w.prefix.clone()).unwrap_or_default();
+    let prefix = mcf.channel_prefix();
     let value = http::complex_value(r, lcf.channels_path).unwrap_or_default();
     let limits =
-        Limits { max_id_length: MainConf::limit(mcf.max_channel_id_length), pg_prefix: &prefix };
+        Limits { max_id_length: MainConf::limit(mcf.max_channel_id_length), pg_prefix: prefix };
     match channels::check_id(&channels::unescape(&value), limits) {
-        Ok(id) => Ok((channels::pg_channel(&prefix, &id), id)),
+        Ok(id) => Ok((channels::pg_channel(prefix, &id), id)),
         Err(e) => Err(http::send_explain(r, e.status().into(), &e.to_string())),
     }
 }

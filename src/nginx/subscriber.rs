@@ -140,12 +140,12 @@ fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
         }
     };
 
-    let prefix = worker::with(|w| w.prefix.clone()).ok_or(err500())?;
+    let prefix = mcf.channel_prefix();
     let path = http::complex_value(r, lcf.channels_path).unwrap_or_default();
     let limits =
-        Limits { max_id_length: MainConf::limit(mcf.max_channel_id_length), pg_prefix: &prefix };
+        Limits { max_id_length: MainConf::limit(mcf.max_channel_id_length), pg_prefix: prefix };
     let (channels, refusal) = match channels::parse_path(&path, limits) {
-        Ok(list) => (list.iter().map(|c| channels::pg_channel(&prefix, &c.id)).collect(), None),
+        Ok(list) => (list.iter().map(|c| channels::pg_channel(prefix, &c.id)).collect(), None),
         Err(e) => (Vec::new(), Some((e.status(), e.to_string()))),
     };
 

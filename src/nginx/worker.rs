@@ -49,7 +49,7 @@ pub struct Worker {
     /// channel and channel id.
     publishes: HashMap<u64, (*mut ngx_http_request_t, String, String)>,
     next_publish: u64,
-    /// `push_stream_postgres_channel_prefix`.
+    /// `push_stream_postgres_channel_prefix`, for events that come without a request.
     pub prefix: String,
     /// Subscribers with fresh output, flushed once per batch of messages.
     dirty: Vec<SubKey>,
@@ -60,12 +60,17 @@ thread_local! {
     static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
 }
 
-/// Runs `f` on the worker state; `None` outside a worker or if the state is busy (which
-/// would be a re-entrancy bug: it is logged at alert level once per occurrence).
+/// Runs `f` on the worker state; `None` outside a worker, or if the state is already
+/// borrowed, which would be a re-entrancy bug: that is logged at alert level.
 pub fn with<R>(f: impl FnOnce(&mut Worker) -> R) -> Option<R> {
     WORKER.with(|w| match w.try_borrow_mut() {
         Ok(mut w) => w.as_mut().map(f),
-        Err(_) => None,
+        Err(_) => {
+            // SAFETY: ngx_cycle is set in every process that runs handlers
+            let log = unsafe { (*nginx_sys::ngx_cycle).log };
+            ngx::ngx_log_error!(NGX_LOG_ALERT, log, "pgpush: worker state re-entered, skipped");
+            None
+        }
     })
 }
 
@@ -142,7 +147,7 @@ fn start(cycle: &mut ngx_cycle_t) -> Result<(), String> {
         }
     };
 
-    let prefix = String::from_utf8_lossy(mcf.postgres_channel_prefix.as_bytes()).into_owned();
+    let prefix = mcf.channel_prefix().to_string();
     WORKER.with(|w| {
         *w.borrow_mut() = Some(Worker {
             bridge,
