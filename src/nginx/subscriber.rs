@@ -364,6 +364,7 @@ fn now() -> Values<'static> {
 fn fan_out(keys: &[SubKey], values: Values<'_>) {
     // frames by location template; the identity template is shared by all
     let mut frames: Vec<(*const LocConf, Rc<[u8]>)> = Vec::with_capacity(1);
+    let mut dirty = Vec::new();
     for &key in keys {
         // SAFETY: keys listed in the hub are live
         let sub = unsafe { key.get() };
@@ -407,9 +408,10 @@ fn fan_out(keys: &[SubKey], values: Values<'_>) {
         }
         if !sub.dirty {
             sub.dirty = true;
-            worker::with(|w| w.mark_dirty(key));
+            dirty.push(key);
         }
     }
+    worker::with(|w| w.mark_dirty(dirty));
 }
 
 /// Writes what deliveries queued; called once per batch.

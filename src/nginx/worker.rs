@@ -331,8 +331,12 @@ impl Worker {
         self.dirty.retain(|k| *k != key);
     }
 
-    pub fn mark_dirty(&mut self, key: SubKey) {
-        self.dirty.push(key);
+    pub fn mark_dirty(&mut self, keys: Vec<SubKey>) {
+        if self.dirty.is_empty() {
+            self.dirty = keys;
+        } else {
+            self.dirty.extend(keys);
+        }
     }
 
     /// Queues a `pg_notify`; the answer comes back as [`Event::Published`].
