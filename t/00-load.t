@@ -274,13 +274,13 @@ for my $d (@directives) {
 
 ###############################################################################
 
-# The directive names, read from the table in src/nginx/conf.rs.
+# The directive names, read from the table in src/nginx/conf/directives.rs.
 sub directive_table {
-	open my $fh, '<', "$root/src/nginx/conf.rs" or die "conf.rs: $!";
+	open my $fh, '<', "$root/src/nginx/conf/directives.rs" or die "directives.rs: $!";
 	my $src = do { local $/; <$fh> };
 	close $fh;
 	my @names = $src =~ /\b(?:main|any|any_if|loc)!\(\s*"(push_stream_\w+)"/g;
-	die "no directives found in conf.rs\n" unless @names > 40;
+	die "no directives found in directives.rs\n" unless @names > 40;
 	return @names;
 }
 

@@ -1,20 +1,35 @@
-//! Everything that touches nginx: the module declaration, directives and lifecycle.
+//! Everything that touches nginx. This file is the module declaration and its hooks; the
+//! layers below it depend on each other one way only:
+//!
+//! ```text
+//! dispatch (bridge events)   transports/ (websocket)   publisher
+//!              \                  |                   /
+//!                          lifecycle
+//!                              |
+//!                           worker            http (request helpers)
+//!                              |                /
+//!                            conf (types; directives)
+//! ```
+//!
+//! and all of them over the pure cores (`config`, `hub`, `postgres`, `protocol`).
 //!
 //! `extern "C"` callbacks stay short: they cast, call safe Rust that returns a `Result`, and
 //! convert to an nginx status once.
 
 pub mod conf;
+mod dispatch;
 mod http;
+mod lifecycle;
 mod publisher;
-mod subscriber;
+mod transports;
 mod worker;
 
 use core::ffi::{c_char, c_void};
 use core::ptr;
 
 use nginx_sys::{
-    ngx_conf_t, ngx_core_conf_t, ngx_cycle_t, ngx_http_module_t, ngx_int_t, ngx_module_t,
-    ngx_uint_t, NGX_HTTP_MODULE, NGX_LOG_EMERG,
+    ngx_conf_t, ngx_core_conf_t, ngx_cycle_t, ngx_http_handler_pt, ngx_http_module_t, ngx_int_t,
+    ngx_module_t, ngx_uint_t, NGX_HTTP_MODULE, NGX_LOG_EMERG,
 };
 use ngx::core::{Status, NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf};
@@ -48,10 +63,10 @@ pub static mut ngx_http_pgpush_module: ngx_module_t = ngx_module_t {
     type_: NGX_HTTP_MODULE as ngx_uint_t,
     init_master: None,
     init_module: Some(init_module),
-    init_process: Some(worker::init_process),
+    init_process: Some(init_process),
     init_thread: None,
     exit_thread: None,
-    exit_process: Some(worker::exit_process),
+    exit_process: Some(exit_process),
     exit_master: None,
     ..ngx_module_t::default()
 };
@@ -89,8 +104,44 @@ impl HttpModule for HttpPgPushModule {
         if conf.merge(prev).is_err() || conf.check(cf).is_err() {
             return NGX_CONF_ERROR;
         }
-        NGX_CONF_OK
+        set_handler(cf, conf)
     }
+}
+
+/// Gives a location the content handler of its role.
+fn set_handler(cf: &mut ngx_conf_t, lcf: &LocConf) -> *mut c_char {
+    use ngx::http::NgxHttpCoreModule;
+    let handler: ngx_http_handler_pt = if lcf.subscriber.is_some() {
+        Some(transports::handler)
+    } else if lcf.publisher.is_some() {
+        Some(publisher::handler)
+    } else {
+        return NGX_CONF_OK;
+    };
+    // during a location's merge, cf's location confs are that location's
+    match NgxHttpCoreModule::location_conf_mut(cf) {
+        Some(clcf) => {
+            clcf.handler = handler;
+            NGX_CONF_OK
+        }
+        None => NGX_CONF_ERROR,
+    }
+}
+
+extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+    // SAFETY: nginx passes the current cycle
+    let cycle = unsafe { &mut *cycle };
+    match worker::start(cycle, Some(dispatch::on_bridge)) {
+        Ok(()) => Status::NGX_OK.into(),
+        Err(msg) => {
+            ngx::ngx_log_error!(nginx_sys::NGX_LOG_ALERT, cycle.log, "pgpush: {}", msg);
+            Status::NGX_ERROR.into()
+        }
+    }
+}
+
+extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
+    worker::stop();
 }
 
 /// Runs in the master after the whole configuration is read (also for `nginx -t`), when

@@ -17,7 +17,7 @@ use nginx_sys::{
 use crate::config::values::PG_MAX_IDENTIFIER;
 use crate::nginx::conf::MainConf;
 use crate::nginx::http::{self, finalize, DONE, ERROR, OK};
-use crate::nginx::{subscriber, worker};
+use crate::nginx::{lifecycle, worker};
 use crate::protocol::channels::{self, Limits};
 
 /// PostgreSQL refuses a NOTIFY payload of 8000 bytes or more.
@@ -44,7 +44,7 @@ pub extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
             }
             match channel(r) {
                 Ok((pg, id)) => {
-                    let (_, subscribers) = worker::with(|w| w.hub.info(&pg)).unwrap_or_default();
+                    let (_, subscribers) = lifecycle::info(&pg);
                     if subscribers == 0 {
                         return http::send_explain(r, 404, "Channel not found.");
                     }
@@ -113,11 +113,17 @@ fn publish(r: &mut ngx_http_request_t) -> Option<ngx_int_t> {
 
     let rp = ptr::from_mut(r);
     let Some(Some(pid)) = worker::with(|w| {
-        w.has_postgres().then(|| w.publish(rp, pg.clone(), id.clone(), payload.clone()))
+        w.has_postgres().then(|| {
+            let done = {
+                let (pg, id) = (pg.clone(), id.clone());
+                Box::new(move |outcome: Result<(), &str>| answer(rp, &pg, &id, outcome))
+            };
+            w.publish(pg.clone(), payload.clone(), done)
+        })
     }) else {
         // one worker, no PostgreSQL: deliver here and now
-        subscriber::deliver(&pg, &payload);
-        worker::settle();
+        lifecycle::deliver(&pg, &payload);
+        lifecycle::settle();
         return Some(send_info(r, &pg, &id));
     };
 
@@ -142,28 +148,23 @@ extern "C" fn forget(data: *mut c_void) {
     worker::with(|w| w.take_publish(id));
 }
 
-/// PostgreSQL answered these publishes (or the worker is going away).
-pub fn answer(ids: &[u64], error: Option<&str>) {
-    for id in ids {
-        let Some(Some((r, pg, chan))) = worker::with(|w| w.take_publish(*id)) else {
-            continue;
-        };
-        // SAFETY: listed requests are alive: their cleanup removes them from the list
-        let req = unsafe { &mut *r };
-        let rc = match error {
-            Some(why) => {
-                let explain = format!("Message not published: {why}.");
-                http::send_explain(req, 503, &explain)
-            }
-            None => send_info(req, &pg, &chan),
-        };
-        finalize(r, rc);
-    }
+/// PostgreSQL answered this publish (or the worker is going away).
+fn answer(r: *mut ngx_http_request_t, pg: &str, id: &str, outcome: Result<(), &str>) {
+    // SAFETY: a waiting request is alive: its cleanup forgets the publish
+    let req = unsafe { &mut *r };
+    let rc = match outcome {
+        Err(why) => {
+            let explain = format!("Message not published: {why}.");
+            http::send_explain(req, 503, &explain)
+        }
+        Ok(()) => send_info(req, pg, id),
+    };
+    finalize(r, rc);
 }
 
 /// push-stream's channel info: `{"channel": "ID", "published_messages": N, ...}`.
 fn send_info(r: &mut ngx_http_request_t, pg: &str, id: &str) -> ngx_int_t {
-    let (messages, subscribers) = worker::with(|w| w.hub.info(pg)).unwrap_or_default();
+    let (messages, subscribers) = lifecycle::info(pg);
     let body = format!(
         "{{\"channel\": {}, \"published_messages\": {messages}, \"stored_messages\": 0, \
          \"subscribers\": {subscribers}}}\r\n",

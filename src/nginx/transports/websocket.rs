@@ -16,7 +16,7 @@
 //! closes. Before that (while waiting for LISTEN), it is an ordinary held request.
 
 use core::ffi::c_void;
-use core::ptr::{self, NonNull};
+use core::ptr;
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::rc::Rc;
@@ -31,10 +31,9 @@ use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 use tungstenite::Message;
 
-use crate::config::values::SubscriberMode;
 use crate::nginx::conf::{LocConf, MainConf};
 use crate::nginx::http::{self, finalize, DONE, ERROR, OK};
-use crate::nginx::worker;
+use crate::nginx::lifecycle::{self, Encoding, SubKey, Subscription, Transport};
 use crate::protocol::channels::{self, Limits};
 use crate::protocol::template::Values;
 use crate::protocol::websocket::{self as ws, close, HandshakeError, HandshakeRequest};
@@ -45,19 +44,6 @@ const CLOSE_TIMEOUT: ngx_msec_t = 5000;
 const READ_BUFFER: usize = 4096;
 /// At most this many queued frames per `send_chain` call.
 const IOV: usize = 64;
-
-/// A subscriber, as the hub and the worker's lists know it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SubKey(NonNull<Subscriber>);
-
-impl SubKey {
-    /// # Safety
-    /// Keys are removed from every list in the request's cleanup, before the subscriber
-    /// is freed, so a key that is still listed points at a live subscriber.
-    unsafe fn get<'a>(self) -> &'a mut Subscriber {
-        unsafe { &mut *self.0.as_ptr() }
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -80,14 +66,11 @@ pub struct Subscriber {
     cln: *mut ngx_http_cleanup_t,
     c: *mut ngx_connection_t,
     lcf: &'static LocConf,
-    /// PostgreSQL channel names.
-    channels: Vec<String>,
+    sub: Subscription,
     accept: String,
     /// A channel error to report in a 1008 close frame right after the 101.
     refusal: Option<(u16, String)>,
-    waiting: usize,
     state: State,
-    dirty: bool,
     out: Output,
     ws: Option<Box<WebSocketContext>>,
     ping: ngx_event_t,
@@ -97,20 +80,10 @@ pub struct Subscriber {
 
 /* the content handler */
 
-pub extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
-    // SAFETY: nginx passes the request being processed
-    let r = unsafe { &mut *r };
-    match subscribe(r) {
-        Ok(rc) | Err(rc) => rc,
-    }
-}
-
-fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
+/// The WebSocket handshake request of a subscriber.
+pub fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
     let lcf = http::loc_conf(r);
     let mcf = http::main_conf(r);
-    if lcf.subscriber != Some(SubscriberMode::WebSocket) {
-        return Ok(nginx_sys::NGX_HTTP_NOT_IMPLEMENTED as ngx_int_t);
-    }
     if r.method != NGX_HTTP_GET as usize {
         return Ok(http::send_not_allowed(r, "GET"));
     }
@@ -160,12 +133,10 @@ fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
         cln: ptr::null_mut(),
         c: r.connection,
         lcf,
-        channels,
+        sub: Subscription::new(channels),
         accept,
         refusal,
-        waiting: 0,
         state: State::Handshake,
-        dirty: false,
         out: Output::default(),
         ws: None,
         // SAFETY: an all-zero event is nginx's own initial state
@@ -185,10 +156,10 @@ fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
         (*cln).handler = Some(cleanup);
         (*cln).data = raw.cast();
     }
-    // SAFETY: raw is non-null (from a Box)
-    let key = SubKey(unsafe { NonNull::new_unchecked(raw) });
-    // SAFETY: live until the cleanup
-    let sub = unsafe { key.get() };
+    // SAFETY: raw is live until the cleanup, which leaves first
+    let sub = unsafe { &mut *raw };
+    // SAFETY: as above
+    let key = unsafe { SubKey::new(sub) };
     sub.cln = cln;
     sub.ping.data = raw.cast();
     sub.ping.handler = Some(on_timer);
@@ -196,9 +167,7 @@ fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
     sub.ping.log = unsafe { (*r.connection).log };
     sub.ping.set_cancelable(1);
 
-    let waiting = worker::with(|w| sub.channels.iter().filter(|ch| w.subscribe(ch, key)).count())
-        .ok_or(err500())?;
-    sub.waiting = waiting;
+    let waiting = lifecycle::join(key);
 
     // held until the connection ends; this handler's NGX_DONE returns one count
     // SAFETY: r->main is the request itself
@@ -219,13 +188,8 @@ fn err500() -> ngx_int_t {
 extern "C" fn cleanup(data: *mut c_void) {
     // SAFETY: data is the Box leaked in subscribe(); cleanups run once
     let mut sub = unsafe { Box::from_raw(data.cast::<Subscriber>()) };
-    let key = SubKey(NonNull::from(&mut *sub));
-    worker::with(|w| {
-        for ch in &sub.channels {
-            w.unsubscribe(ch, key);
-        }
-        w.forget(key);
-    });
+    // SAFETY: the key of this transport, leaving before it is freed
+    lifecycle::leave(unsafe { SubKey::new(&mut *sub) });
     if sub.ping.timer_set() != 0 {
         // SAFETY: our own timer event
         unsafe { nginx_sys::ngx_del_timer(&mut sub.ping) };
@@ -237,20 +201,6 @@ extern "C" fn cleanup(data: *mut c_void) {
 }
 
 /* events */
-
-/// All LISTENs of a waiting subscriber are confirmed once `waiting` reaches zero.
-pub fn listen_confirmed(key: SubKey) {
-    // SAFETY: listed keys are live
-    let sub = unsafe { key.get() };
-    if sub.state != State::Handshake {
-        return;
-    }
-    sub.waiting = sub.waiting.saturating_sub(1);
-    if sub.waiting > 0 {
-        return;
-    }
-    sub.ready();
-}
 
 /// Read events of a subscriber's connection after the handshake.
 extern "C" fn on_read(rev: *mut ngx_event_t) {
@@ -278,7 +228,7 @@ extern "C" fn on_read(rev: *mut ngx_event_t) {
             }
         }
     }
-    sub.flush();
+    sub.write_queued();
     sub.finish_if_done();
 }
 
@@ -294,7 +244,7 @@ extern "C" fn on_write(wev: *mut ngx_event_t) {
         ngx::ngx_log_error!(NGX_LOG_INFO, sub.log(), "pgpush: client timed out while sending");
         sub.state = State::Dead;
     } else {
-        sub.flush();
+        sub.write_queued();
     }
     sub.finish_if_done();
 }
@@ -304,11 +254,11 @@ extern "C" fn on_timer(ev: *mut ngx_event_t) {
     // SAFETY: the event's data is its subscriber, alive while the event is set or posted
     let sub = unsafe { &mut *(*ev).data.cast::<Subscriber>() };
     match sub.state {
-        State::Handshake if sub.waiting == 0 => return sub.ready(),
+        State::Handshake if sub.sub.waiting() == 0 => return sub.ready(),
         State::Open => {
             sub.out.push(PING.with(Rc::clone));
             sub.arm_ping();
-            sub.flush();
+            sub.write_queued();
         }
         _ => {}
     }
@@ -319,120 +269,79 @@ thread_local! {
     static PING: Rc<[u8]> = Rc::from(&[0x89u8, 0x00][..]);
 }
 
-/// A NOTIFY arrived: every subscriber of `channel` in this worker gets it.
-pub fn deliver(channel: &str, payload: &str) {
-    let Some((n, keys, prefix_len)) = worker::with(|w| {
-        let prefix_len = w.prefix.len();
-        w.hub.message(channel).map(|(n, subs)| (n, subs.to_vec(), prefix_len))
-    })
-    .flatten() else {
-        return;
-    };
-    let id = channel.get(prefix_len..).unwrap_or(channel);
-    fan_out(&keys, Values { text: payload.as_bytes(), channel: id, id: n as i64, ..now() });
-}
+/// Subscribers of one location share encoded frames; the identity template is shared by
+/// all.
+const KIND: u8 = 1;
 
-/// push-stream's special message ids go down from -1 (ping, channel deleted, long-poll
-/// timeout); this one tells that messages may have been missed.
-pub const GAP_ID: i64 = -4;
-
-/// The side connection came back: notifications sent while it was down are lost, and every
-/// subscriber is told so with one message per channel, id -4 and event type `gap`.
-pub fn gap() {
-    let Some((channels, prefix_len)) = worker::with(|w| {
-        let chans: Vec<(String, Vec<SubKey>)> =
-            w.hub.channels().map(|ch| (ch.to_string(), w.hub.subscribers(ch).to_vec())).collect();
-        (chans, w.prefix.len())
-    }) else {
-        return;
-    };
-    for (channel, keys) in channels {
-        let id = channel.get(prefix_len..).unwrap_or(&channel);
-        fan_out(&keys, Values { channel: id, id: GAP_ID, event_type: "gap", ..now() });
+impl Transport for Subscriber {
+    fn subscription(&mut self) -> &mut Subscription {
+        &mut self.sub
     }
-}
 
-fn now() -> Values<'static> {
-    // SAFETY: nginx's cached time string is always set in a worker, and its slots live as
-    // long as the process; it is read before the event loop can change it
-    let time = unsafe { ptr::addr_of!(nginx_sys::ngx_cached_http_time).read() };
-    let time: &'static [u8] = unsafe { core::slice::from_raw_parts(time.data, time.len) };
-    Values { time: core::str::from_utf8(time).unwrap_or_default(), ..Values::default() }
-}
-
-/// Queues one message for these subscribers, encoded once per template.
-fn fan_out(keys: &[SubKey], values: Values<'_>) {
-    // frames by location template; the identity template is shared by all
-    let mut frames: Vec<(*const LocConf, Rc<[u8]>)> = Vec::with_capacity(1);
-    let mut dirty = Vec::new();
-    for &key in keys {
-        // SAFETY: keys listed in the hub are live
-        let sub = unsafe { key.get() };
-        if !matches!(sub.state, State::Handshake | State::Open) {
-            continue;
+    fn ready(&mut self) {
+        if self.state != State::Handshake {
+            return;
         }
-        let template = sub.lcf.template.as_ref();
-        let tkey: *const LocConf =
-            if template.map_or(true, |t| t.is_identity()) { ptr::null() } else { sub.lcf };
-        let frame = match frames.iter().find(|(k, _)| *k == tkey) {
-            Some((_, f)) => f.clone(),
-            None => {
-                let mut text = Vec::new();
-                let body = match template {
-                    Some(t) if !t.is_identity() => {
-                        t.render(&values, &mut text);
-                        &text[..]
-                    }
-                    _ => values.text,
-                };
-                let mut buf = Vec::with_capacity(body.len() + 10);
-                ws::encode(ws::OP_TEXT, body, &mut buf);
-                let f: Rc<[u8]> = Rc::from(buf);
-                frames.push((tkey, f.clone()));
-                f
+        if self.open().is_err() {
+            self.state = State::Dead;
+        }
+        self.finish_if_done();
+    }
+
+    fn accepts(&self) -> bool {
+        matches!(self.state, State::Handshake | State::Open)
+    }
+
+    fn encoding(&self) -> Encoding {
+        let identity = self.lcf.template.as_ref().map_or(true, |t| t.is_identity());
+        let template = if identity { ptr::null() } else { ptr::from_ref(self.lcf).cast() };
+        Encoding { kind: KIND, template }
+    }
+
+    fn encode(&self, message: &Values<'_>) -> Rc<[u8]> {
+        let mut text = Vec::new();
+        let body = match self.lcf.template.as_ref() {
+            Some(t) if !t.is_identity() => {
+                t.render(message, &mut text);
+                &text[..]
             }
+            _ => message.text,
         };
-        sub.out.push(frame);
-        if sub.out.bytes > sub.lcf.subscriber_output_limit {
+        let mut buf = Vec::with_capacity(body.len() + 10);
+        ws::encode(ws::OP_TEXT, body, &mut buf);
+        Rc::from(buf)
+    }
+
+    fn queue(&mut self, frame: Rc<[u8]>, channel: &str) {
+        self.out.push(frame);
+        if self.out.bytes > self.lcf.subscriber_output_limit {
             ngx::ngx_log_error!(
                 NGX_LOG_ERR,
-                sub.log(),
+                self.log(),
                 "pgpush: subscriber too slow, closing it with 1013: {} bytes unsent exceed \
                  push_stream_subscriber_output_limit {}, channel \"{}\"",
-                sub.out.bytes,
-                sub.lcf.subscriber_output_limit,
-                values.channel
+                self.out.bytes,
+                self.lcf.subscriber_output_limit,
+                channel
             );
-            sub.out.drop_unsent();
-            sub.start_close(Some(close::TRY_AGAIN_LATER), "Subscriber too slow");
-        }
-        if !sub.dirty {
-            sub.dirty = true;
-            dirty.push(key);
+            self.out.drop_unsent();
+            self.start_close(Some(close::TRY_AGAIN_LATER), "Subscriber too slow");
         }
     }
-    worker::with(|w| w.mark_dirty(dirty));
-}
 
-/// Writes what deliveries queued; called once per batch.
-pub fn flush_dirty(key: SubKey) {
-    // SAFETY: listed keys are live
-    let sub = unsafe { key.get() };
-    sub.dirty = false;
-    sub.flush();
-    sub.finish_if_done();
-}
-
-/// The worker is shutting down: a subscriber gets its footer and 1001, then is closed.
-pub fn going_away(key: SubKey) {
-    // SAFETY: listed keys are live
-    let sub = unsafe { key.get() };
-    if sub.state == State::Open {
-        sub.start_close(Some(close::GOING_AWAY), "");
-        sub.flush();
+    fn flush(&mut self) {
+        self.write_queued();
+        self.finish_if_done();
     }
-    sub.state = State::Dead;
-    sub.finish_if_done();
+
+    fn going_away(&mut self) {
+        if self.state == State::Open {
+            self.start_close(Some(close::GOING_AWAY), "");
+            self.write_queued();
+        }
+        self.state = State::Dead;
+        self.finish_if_done();
+    }
 }
 
 impl Subscriber {
@@ -460,7 +369,7 @@ impl Subscriber {
 
         if let Some((status, explain)) = self.refusal.take() {
             self.start_close(Some(close::POLICY), &ws::channel_error_reason(status, &explain));
-            self.flush();
+            self.write_queued();
             return Ok(());
         }
         let header = self.lcf.header_template.as_bytes();
@@ -472,22 +381,14 @@ impl Subscriber {
             // SAFETY: the connection's read timer is ours after the handshake
             unsafe { nginx_sys::ngx_add_timer((*self.c).read, self.lcf.subscriber_connection_ttl) };
         }
-        self.flush();
+        self.write_queued();
         // frames the client sent right behind its handshake
         // SAFETY: c is live
         if unsafe { (*(*self.c).read).ready() } != 0 {
             self.read_frames();
-            self.flush();
+            self.write_queued();
         }
         Ok(())
-    }
-
-    /// Every LISTEN is confirmed: answer the handshake.
-    fn ready(&mut self) {
-        if self.open().is_err() {
-            self.state = State::Dead;
-        }
-        self.finish_if_done();
     }
 
     /// Logs and frees the request; the connection is driven by on_read/on_write from now.
@@ -623,7 +524,7 @@ impl Subscriber {
     }
 
     /// Writes queued output; arms the write event and `send_timeout` if some is left.
-    fn flush(&mut self) {
+    fn write_queued(&mut self) {
         if matches!(self.state, State::Dead | State::Handshake) {
             return;
         }

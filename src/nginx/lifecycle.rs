@@ -1,0 +1,338 @@
+//! The subscription lifecycle, the same for every transport: admit, join the hub, deliver,
+//! leave.
+//!
+//! A transport (WebSocket today; EventSource, streaming and long-polling plug in the same
+//! way) owns its connection and implements [`Transport`]. It embeds a [`Subscription`]:
+//! the channels it joined and what the lifecycle keeps for it. The lifecycle knows
+//! subscribers only by [`SubKey`], a pointer to the transport that stays valid from
+//! [`join`] until [`leave`], which every transport calls from its cleanup.
+//!
+//! - **join**: every channel is added to the worker's hub; the first subscriber of a
+//!   channel makes the worker LISTEN, and the transport's [`Transport::ready`] is called
+//!   once every LISTEN it needs is confirmed (so nothing published after it answers its
+//!   client is missed).
+//! - **deliver**: a notification is encoded once per [`Transport::encoding`] and queued on
+//!   every subscriber of its channel; queued output is flushed once per batch.
+//! - **leave**: the subscriber leaves its channels; the last one out makes the worker
+//!   UNLISTEN.
+//!
+//! Re-entrancy: like the worker state, the registry is borrowed only inside [`with`], and
+//! transports (whose methods may finalize a request, whose cleanup calls [`leave`]) are
+//! only called outside it.
+
+use core::ptr::{self, NonNull};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use crate::hub::{Hub, ListenChange, Slot};
+use crate::nginx::worker;
+use crate::protocol::template::Values;
+
+/// push-stream's special message ids go down from -1 (ping, channel deleted, long-poll
+/// timeout); this one tells that messages may have been missed.
+pub const GAP_ID: i64 = -4;
+
+/// What a transport does for the lifecycle.
+pub trait Transport {
+    fn subscription(&mut self) -> &mut Subscription;
+
+    /// Every LISTEN is confirmed: answer the client. May finalize (and so [`leave`]).
+    fn ready(&mut self);
+
+    /// Takes messages now (a transport still waiting for LISTEN queues them).
+    fn accepts(&self) -> bool;
+
+    /// Subscribers with equal encodings share one encoded message.
+    fn encoding(&self) -> Encoding;
+
+    /// One message as this transport writes it.
+    fn encode(&self, message: &Values<'_>) -> Rc<[u8]>;
+
+    /// Queues an encoded message; the transport enforces its own output limit.
+    fn queue(&mut self, encoded: Rc<[u8]>, channel: &str);
+
+    /// Writes what is queued. May finalize.
+    fn flush(&mut self);
+
+    /// The worker is shutting down: tell the client and close. May finalize.
+    fn going_away(&mut self);
+}
+
+/// Identifies how a message is encoded: the transport kind and its location's template.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Encoding {
+    pub kind: u8,
+    pub template: *const (),
+}
+
+/// What the lifecycle keeps inside each transport.
+#[derive(Debug, Default)]
+pub struct Subscription {
+    /// PostgreSQL channel names, with the slot held in each.
+    channels: Vec<(String, Slot)>,
+    /// LISTENs still to be confirmed.
+    waiting: usize,
+    /// Queued output not flushed yet.
+    dirty: bool,
+}
+
+impl Subscription {
+    /// A subscription to these PostgreSQL channels (repeats are joined once).
+    pub fn new(mut channels: Vec<String>) -> Self {
+        let mut seen = std::collections::HashSet::new();
+        channels.retain(|c| seen.insert(c.clone()));
+        Self { channels: channels.into_iter().map(|c| (c, 0)).collect(), ..Self::default() }
+    }
+
+    /// LISTENs still to be confirmed.
+    pub fn waiting(&self) -> usize {
+        self.waiting
+    }
+}
+
+/// A subscriber, as the hub and the lifecycle's lists know it.
+#[derive(Clone, Copy, Debug)]
+pub struct SubKey(NonNull<dyn Transport>);
+
+impl PartialEq for SubKey {
+    fn eq(&self, other: &Self) -> bool {
+        ptr::addr_eq(self.0.as_ptr(), other.0.as_ptr())
+    }
+}
+
+impl Eq for SubKey {}
+
+impl PartialOrd for SubKey {
+    fn partial_cmp(&self, other: &Self) -> Option<core::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for SubKey {
+    fn cmp(&self, other: &Self) -> core::cmp::Ordering {
+        self.0.as_ptr().cast::<()>().cmp(&other.0.as_ptr().cast::<()>())
+    }
+}
+
+impl SubKey {
+    /// # Safety
+    /// `t` stays at this address until it calls [`leave`] (from its cleanup).
+    pub unsafe fn new(t: &mut (dyn Transport + 'static)) -> Self {
+        Self(NonNull::from(t))
+    }
+
+    /// # Safety
+    /// Keys are removed from every list in [`leave`], before the transport is freed, so a
+    /// key that is still listed points at a live transport.
+    unsafe fn get<'a>(self) -> &'a mut dyn Transport {
+        unsafe { &mut *self.0.as_ptr() }
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    hub: Hub<SubKey>,
+    /// Channels whose LISTEN is not confirmed yet, with the subscribers waiting for it.
+    waiting: HashMap<String, Vec<SubKey>>,
+    /// Subscribers with fresh output, flushed once per batch of messages.
+    dirty: Vec<SubKey>,
+}
+
+thread_local! {
+    static REGISTRY: RefCell<Registry> = RefCell::default();
+}
+
+fn with<R>(f: impl FnOnce(&mut Registry) -> R) -> Option<R> {
+    REGISTRY.with(|r| match r.try_borrow_mut() {
+        Ok(mut r) => Some(f(&mut r)),
+        Err(_) => {
+            worker::reentered();
+            None
+        }
+    })
+}
+
+/// Joins every channel of the subscription; returns the number of LISTENs to wait for.
+/// At zero the transport answers its client itself (from the event loop).
+pub fn join(key: SubKey) -> usize {
+    // SAFETY: the caller just made the key of a live transport
+    let sub = unsafe { key.get() }.subscription();
+    let postgres = worker::with(|w| w.has_postgres()).unwrap_or(false);
+    let mut listen = Vec::new();
+    let waiting = with(|reg| {
+        let mut waiting = 0;
+        for (channel, slot) in &mut sub.channels {
+            let (s, change) = reg.hub.subscribe(channel, key);
+            *slot = s;
+            match change {
+                ListenChange::Listen(ch) if postgres => {
+                    reg.waiting.entry(ch.clone()).or_default().push(key);
+                    listen.push(ch);
+                    waiting += 1;
+                }
+                _ => {
+                    if let Some(keys) = reg.waiting.get_mut(channel.as_str()) {
+                        keys.push(key);
+                        waiting += 1;
+                    }
+                }
+            }
+        }
+        waiting
+    })
+    .unwrap_or(0);
+    sub.waiting = waiting;
+    if !listen.is_empty() {
+        worker::with(|w| listen.into_iter().for_each(|ch| w.listen(ch)));
+    }
+    waiting
+}
+
+/// Leaves every channel; the transport is about to be freed.
+pub fn leave(key: SubKey) {
+    // SAFETY: called by the transport's cleanup, before it is freed
+    let sub = unsafe { key.get() }.subscription();
+    let channels = std::mem::take(&mut sub.channels);
+    let unlisten = with(|reg| {
+        let mut unlisten = Vec::new();
+        for (channel, slot) in &channels {
+            if let ListenChange::Unlisten(ch) = reg.hub.unsubscribe(channel, *slot, key) {
+                unlisten.push(ch);
+            }
+            if let Some(keys) = reg.waiting.get_mut(channel.as_str()) {
+                keys.retain(|k| *k != key);
+            }
+        }
+        if sub.dirty {
+            reg.dirty.retain(|k| *k != key);
+        }
+        unlisten
+    })
+    .unwrap_or_default();
+    if !unlisten.is_empty() {
+        worker::with(|w| unlisten.into_iter().for_each(|ch| w.unlisten(ch)));
+    }
+}
+
+/// These channels are LISTENed: subscribers that waited for all of theirs are ready.
+pub fn listening(channels: &[String]) {
+    let keys: Vec<SubKey> =
+        with(|reg| channels.iter().filter_map(|ch| reg.waiting.remove(ch)).flatten().collect())
+            .unwrap_or_default();
+    for key in keys {
+        // SAFETY: listed keys are live (a transport that left was unlisted from waiting,
+        // and a ready() below that finalizes removes later keys of its own)
+        let t = unsafe { key.get() };
+        let sub = t.subscription();
+        if sub.waiting == 0 {
+            continue;
+        }
+        sub.waiting -= 1;
+        if sub.waiting == 0 {
+            t.ready();
+        }
+    }
+}
+
+/// Messages received and subscribers of a channel in this worker.
+pub fn info(channel: &str) -> (u64, usize) {
+    with(|reg| reg.hub.info(channel)).unwrap_or_default()
+}
+
+/// A NOTIFY arrived: every subscriber of `channel` in this worker gets it.
+pub fn deliver(channel: &str, payload: &str) {
+    let Some((n, keys)) = with(|reg| reg.hub.message(channel)).flatten() else {
+        return;
+    };
+    let prefix_len = worker::with(|w| w.prefix.len()).unwrap_or(0);
+    let id = channel.get(prefix_len..).unwrap_or(channel);
+    fan_out(&keys, &Values { text: payload.as_bytes(), channel: id, id: n as i64, ..now() });
+}
+
+/// The side connection came back: notifications sent while it was down are lost, and every
+/// subscriber is told so with one message per channel, id -4 and event type `gap`.
+pub fn gap() {
+    let channels: Vec<(String, Vec<SubKey>)> = with(|reg| {
+        reg.hub.channels().map(|ch| (ch.to_string(), reg.hub.subscribers(ch))).collect()
+    })
+    .unwrap_or_default();
+    let prefix_len = worker::with(|w| w.prefix.len()).unwrap_or(0);
+    for (channel, keys) in channels {
+        let id = channel.get(prefix_len..).unwrap_or(&channel);
+        fan_out(&keys, &Values { channel: id, id: GAP_ID, event_type: "gap", ..now() });
+    }
+}
+
+/// The worker is shutting down: every subscriber, waiting or not, is told and closed.
+pub fn shutdown() {
+    let mut keys: Vec<SubKey> = with(|reg| {
+        reg.hub.all().chain(reg.waiting.values().flatten().copied()).collect::<Vec<_>>()
+    })
+    .unwrap_or_default();
+    keys.sort_unstable();
+    keys.dedup();
+    for key in keys {
+        // SAFETY: listed keys are live; going_away finalizes only its own transport
+        unsafe { key.get() }.going_away();
+    }
+}
+
+fn now() -> Values<'static> {
+    // SAFETY: nginx's cached time string is always set in a worker, and its slots live as
+    // long as the process; it is read before the event loop can change it
+    let time = unsafe { ptr::addr_of!(nginx_sys::ngx_cached_http_time).read() };
+    let time: &'static [u8] = unsafe { core::slice::from_raw_parts(time.data, time.len) };
+    Values { time: core::str::from_utf8(time).unwrap_or_default(), ..Values::default() }
+}
+
+/// Queues one message for these subscribers, encoded once per encoding.
+pub fn fan_out(keys: &[SubKey], message: &Values<'_>) {
+    let mut encoded: Vec<(Encoding, Rc<[u8]>)> = Vec::with_capacity(1);
+    let mut dirty = Vec::new();
+    for &key in keys {
+        // SAFETY: keys listed in the hub are live
+        let t = unsafe { key.get() };
+        if !t.accepts() {
+            continue;
+        }
+        let enc = t.encoding();
+        let bytes = match encoded.iter().find(|(e, _)| *e == enc) {
+            Some((_, b)) => b.clone(),
+            None => {
+                let b = t.encode(message);
+                encoded.push((enc, b.clone()));
+                b
+            }
+        };
+        t.queue(bytes, message.channel);
+        let sub = t.subscription();
+        if !sub.dirty {
+            sub.dirty = true;
+            dirty.push(key);
+        }
+    }
+    with(|reg| {
+        if reg.dirty.is_empty() {
+            reg.dirty = dirty;
+        } else {
+            reg.dirty.extend(dirty);
+        }
+    });
+}
+
+/// Flushes the subscribers that got output in this batch (and finalizes those that fail).
+pub fn settle() {
+    loop {
+        let dirty = with(|reg| std::mem::take(&mut reg.dirty)).unwrap_or_default();
+        if dirty.is_empty() {
+            return;
+        }
+        for key in dirty {
+            // SAFETY: leave() removes a dirty key before its transport is freed
+            let t = unsafe { key.get() };
+            t.subscription().dirty = false;
+            t.flush();
+        }
+    }
+}
