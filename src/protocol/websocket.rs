@@ -1,8 +1,12 @@
-//! The server side of RFC 6455 that pgpush writes itself: the handshake checks (with
-//! push-stream's error texts) and unmasked server frames, encoded once per message and
-//! shared by every subscriber. Reading client frames is tungstenite's job.
+//! The server side of RFC 6455: the handshake checks (with push-stream's error texts) and
+//! unmasked server frames, encoded once per message and shared by every subscriber.
+//! tungstenite is the one frame codec, both ways: it parses client frames, and its
+//! `FrameHeader` writes the head of ours (the payload is appended straight after it, so
+//! a message is copied once into its shared frame).
 
 use base64::Engine;
+use tungstenite::protocol::frame::coding::OpCode;
+use tungstenite::protocol::frame::FrameHeader;
 
 pub const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
@@ -77,17 +81,9 @@ fn has_token(value: &[u8], token: &[u8]) -> bool {
 /// Appends one unmasked, final server frame.
 pub fn encode(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
     out.reserve(payload.len() + 10);
-    out.push(0x80 | opcode);
-    let len = payload.len();
-    if len < 126 {
-        out.push(len as u8);
-    } else if len <= u16::MAX as usize {
-        out.push(126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
+    let header = FrameHeader { opcode: OpCode::from(opcode), ..FrameHeader::default() };
+    // writing into a Vec cannot fail
+    let _ = header.format(payload.len() as u64, out);
     out.extend_from_slice(payload);
 }
 
