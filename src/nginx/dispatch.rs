@@ -55,7 +55,7 @@ fn handle(e: Event) {
         Event::Published { ids, error } => {
             for id in ids {
                 if let Some(Some(done)) = worker::with(|w| w.take_publish(id)) {
-                    done(error.as_deref().map_or(Ok(()), Err));
+                    done(id, error.as_deref().map_or(Ok(()), Err));
                 }
             }
         }
@@ -70,8 +70,8 @@ fn handle(e: Event) {
 fn shutdown() {
     lifecycle::shutdown();
     let pending = worker::with(|w| w.take_all_publishes()).unwrap_or_default();
-    for done in pending {
-        done(Err("nginx is shutting down"));
+    for (id, done) in pending {
+        done(id, Err("nginx is shutting down"));
     }
     worker::stop();
 }

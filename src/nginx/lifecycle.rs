@@ -27,6 +27,7 @@ use std::rc::Rc;
 
 use crate::hub::{Hub, ListenChange, Slot};
 use crate::nginx::worker;
+use crate::protocol::payload;
 use crate::protocol::template::Values;
 
 /// push-stream's special message ids go down from -1 (ping, channel deleted, long-poll
@@ -83,6 +84,11 @@ impl Subscription {
         let mut seen = std::collections::HashSet::new();
         channels.retain(|c| seen.insert(c.clone()));
         Self { channels: channels.into_iter().map(|c| (c, 0)).collect(), ..Self::default() }
+    }
+
+    /// The PostgreSQL channels subscribed to.
+    pub fn channels(&self) -> impl Iterator<Item = &str> {
+        self.channels.iter().map(|(c, _)| c.as_str())
     }
 
     /// LISTENs still to be confirmed.
@@ -247,7 +253,9 @@ pub fn deliver(channel: &str, payload: &str) {
     };
     let prefix_len = worker::with(|w| w.prefix.len()).unwrap_or(0);
     let id = channel.get(prefix_len..).unwrap_or(channel);
-    fan_out(&keys, &Values { text: payload.as_bytes(), channel: id, id: n as i64, ..now() });
+    let message = payload::unwrap(payload);
+    let (text, binary) = (message.bytes(), message.is_binary());
+    fan_out(&keys, &Values { text, binary, channel: id, id: n as i64, ..now() });
 }
 
 /// The side connection came back: notifications sent while it was down are lost, and every

@@ -19,9 +19,7 @@ use crate::nginx::conf::MainConf;
 use crate::nginx::http::{self, finalize, DONE, ERROR, OK};
 use crate::nginx::{lifecycle, worker};
 use crate::protocol::channels::{self, Limits};
-
-/// PostgreSQL refuses a NOTIFY payload of 8000 bytes or more.
-pub const MAX_PAYLOAD: usize = 7999;
+use crate::protocol::payload::MAX_PAYLOAD;
 
 pub extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx passes the request being processed
@@ -116,7 +114,7 @@ fn publish(r: &mut ngx_http_request_t) -> Option<ngx_int_t> {
         w.has_postgres().then(|| {
             let done = {
                 let (pg, id) = (pg.clone(), id.clone());
-                Box::new(move |outcome: Result<(), &str>| answer(rp, &pg, &id, outcome))
+                Box::new(move |_, outcome: Result<(), &str>| answer(rp, &pg, &id, outcome))
             };
             w.publish(pg.clone(), payload.clone(), done)
         })

@@ -30,8 +30,8 @@ use crate::postgres::{Bridge, Command, Event, Level, SideConnection};
 /// How long `exit_process` waits for the tokio side to close its connection.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Called once with the outcome of a publish: `Err` carries why it was not committed.
-pub type PublishDone = Box<dyn FnOnce(Result<(), &str>)>;
+/// Called once with a publish's id and outcome: `Err` carries why it was not committed.
+pub type PublishDone = Box<dyn FnOnce(u64, Result<(), &str>)>;
 
 pub struct Worker {
     bridge: Arc<Bridge>,
@@ -120,9 +120,10 @@ pub fn start(cycle: &mut ngx_cycle_t, on_bridge: ngx_event_handler_pt) -> Result
             let reconnect = mcf.postgres_reconnect.unwrap_or_default();
             // SAFETY: ngx_worker is set before init_process
             let worker = unsafe { nginx_sys::ngx_worker };
-            let side =
-                SideConnection::start(conninfo.config().clone(), reconnect, bridge.clone(), worker)
-                    .map_err(|e| format!("cannot start the postgres thread: {e}"))?;
+            let timeout = Duration::from_millis(mcf.postgres_publish_timeout as u64);
+            let config = conninfo.config().clone();
+            let side = SideConnection::start(config, reconnect, timeout, bridge.clone(), worker)
+                .map_err(|e| format!("cannot start the postgres thread: {e}"))?;
             Some(side)
         }
     };
@@ -202,12 +203,17 @@ impl Worker {
     }
 
     /// Queues a `pg_notify`; `done` is called from [`Worker::take_publish`]'s caller once
-    /// PostgreSQL answers [`Event::Published`].
+    /// PostgreSQL answers [`Event::Published`]. Without PostgreSQL (one worker), the
+    /// message comes back through the bridge as if it had been notified.
     pub fn publish(&mut self, channel: String, payload: String, done: PublishDone) -> u64 {
         let n = self.next_publish;
         self.next_publish += 1;
-        if let Some(side) = &self.side {
-            side.send(Command::Publish { id: n, channel, payload });
+        match &self.side {
+            Some(side) => side.send(Command::Publish { id: n, channel, payload }),
+            None => {
+                self.bridge.push(Event::Notification { channel, payload });
+                self.bridge.push(Event::Published { ids: vec![n], error: None });
+            }
         }
         self.publishes.insert(n, done);
         n
@@ -219,8 +225,10 @@ impl Worker {
     }
 
     /// Every publish still waiting (on shutdown).
-    pub fn take_all_publishes(&mut self) -> Vec<PublishDone> {
-        self.publishes.drain().map(|(_, done)| done).collect()
+    pub fn take_all_publishes(&mut self) -> Vec<(u64, PublishDone)> {
+        let mut all: Vec<_> = self.publishes.drain().collect();
+        all.sort_unstable_by_key(|(id, _)| *id);
+        all
     }
 }
 

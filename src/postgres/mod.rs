@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_postgres::{AsyncMessage, NoTls};
 
 pub use self::bridge::{Bridge, Event, Level};
@@ -54,9 +55,11 @@ pub struct SideConnection {
 impl SideConnection {
     /// Starts the thread with every signal blocked, so that a signal sent to the worker is
     /// always handled by nginx's own thread.
+    /// `timeout` bounds how long a publish waits for a connection to PostgreSQL.
     pub fn start(
         config: tokio_postgres::Config,
         reconnect: Reconnect,
+        timeout: Duration,
         bridge: Arc<Bridge>,
         worker: usize,
     ) -> io::Result<Self> {
@@ -68,7 +71,7 @@ impl SideConnection {
             thread::Builder::new().name(format!("pgpush-pg-{worker}")).spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
                 match rt {
-                    Ok(rt) => rt.block_on(run(config, reconnect, rx, bridge.clone())),
+                    Ok(rt) => rt.block_on(run(config, reconnect, timeout, rx, bridge.clone())),
                     Err(e) => bridge.log(Level::Alert, format!("tokio runtime failed: {e}")),
                 }
                 let (lock, cv) = &*done2;
@@ -160,13 +163,22 @@ struct Wanted {
     channels: BTreeSet<String>,
     /// LISTENs received during a connection attempt, acknowledged once it is decided.
     unacked: Vec<String>,
-    /// Publishes received during a connection attempt.
-    held: Vec<(u64, String, String)>,
+    /// Publishes waiting for a connection, oldest first, each until its deadline.
+    held: Vec<Held>,
+    /// How long a publish waits for a connection.
+    publish_timeout: Duration,
+}
+
+struct Held {
+    id: u64,
+    channel: String,
+    payload: String,
+    deadline: Instant,
 }
 
 impl Wanted {
     /// Applies a command while there is no connection; true on Stop. While `attempting`,
-    /// acknowledgements wait for the attempt's outcome.
+    /// LISTEN acknowledgements wait for the attempt's outcome.
     fn apply_while_down(
         &mut self,
         cmd: Option<Command>,
@@ -188,49 +200,75 @@ impl Wanted {
                 self.channels.remove(&ch);
             }
             Some(Command::Publish { id, channel, payload }) => {
-                if attempting {
-                    self.held.push((id, channel, payload));
-                } else {
-                    bridge.push(Event::Published { ids: vec![id], error: Some(DOWN.into()) });
-                }
+                let deadline = Instant::now() + self.publish_timeout;
+                self.held.push(Held { id, channel, payload, deadline });
             }
         }
         false
     }
 
-    /// A connection attempt failed: whoever waited for it is answered.
+    /// A connection attempt failed: LISTENs that waited for it are answered (they are
+    /// made on reconnect). Publishes keep waiting until their deadline.
     fn fail_attempt(&mut self, bridge: &Bridge) {
         if !self.unacked.is_empty() {
             bridge.push(Event::Listening(std::mem::take(&mut self.unacked)));
         }
-        if !self.held.is_empty() {
-            let ids = self.held.drain(..).map(|(id, _, _)| id).collect();
+    }
+
+    /// When the oldest held publish gives up.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.held.first().map(|h| h.deadline)
+    }
+
+    /// Fails the publishes that waited past their deadline.
+    fn expire(&mut self, bridge: &Bridge) {
+        let now = Instant::now();
+        // deadlines grow with arrival: the expired ones are a prefix
+        let n = self.held.iter().take_while(|h| h.deadline <= now).count();
+        if n > 0 {
+            let ids = self.held.drain(..n).map(|h| h.id).collect();
             bridge.push(Event::Published { ids, error: Some(DOWN.into()) });
         }
     }
+
+    /// The held publishes, to be sent on a fresh connection.
+    fn take_held(&mut self) -> Vec<(u64, String, String)> {
+        self.held.drain(..).map(|h| (h.id, h.channel, h.payload)).collect()
+    }
 }
 
-const DOWN: &str = "the connection to PostgreSQL is down";
+/// Sleeps until `deadline`, or forever without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+pub const DOWN: &str = "the connection to PostgreSQL is down";
 
 async fn run(
     config: tokio_postgres::Config,
     reconnect: Reconnect,
+    publish_timeout: Duration,
     mut rx: mpsc::UnboundedReceiver<Command>,
     bridge: Arc<Bridge>,
 ) {
     let target = conninfo::describe(&config);
     let seed = u64::from(std::process::id()) ^ now_nanos();
     let mut backoff = Backoff::new(reconnect, seed);
-    let mut wanted = Wanted::default();
+    let mut wanted = Wanted { publish_timeout, ..Wanted::default() };
     let mut ever_connected = false;
     let mut failures: u32 = 0;
 
     loop {
-        let connected = tokio::select! {
-            r = config.connect(NoTls) => r,
-            cmd = rx.recv() => {
-                if wanted.apply_while_down(cmd, true, &bridge) { return; }
-                continue;
+        let connect = config.connect(NoTls);
+        tokio::pin!(connect);
+        let connected = loop {
+            tokio::select! {
+                r = &mut connect => break r,
+                cmd = rx.recv() => if wanted.apply_while_down(cmd, true, &bridge) { return },
+                _ = until(wanted.next_deadline()) => wanted.expire(&bridge),
             }
         };
 
@@ -322,7 +360,7 @@ async fn run(
         ever_connected = true;
         backoff.reset();
 
-        let held = std::mem::take(&mut wanted.held);
+        let held = wanted.take_held();
         let outcome = match publish_batch(&client, &publish, held, &bridge).await {
             Err(why) => Outcome::Lost(why),
             Ok(()) => {
@@ -506,6 +544,7 @@ async fn sleep_or_stop(
         tokio::select! {
             _ = &mut sleep => return false,
             cmd = rx.recv() => if wanted.apply_while_down(cmd, false, bridge) { return true },
+            _ = until(wanted.next_deadline()) => wanted.expire(bridge),
         }
     }
 }

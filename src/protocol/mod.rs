@@ -1,6 +1,7 @@
-//! Wire formats, free of nginx: channel paths, PostgreSQL channel names, message templates
-//! and the WebSocket handshake and frames.
+//! Wire formats, free of nginx: channel paths, PostgreSQL channel names, NOTIFY payloads,
+//! message templates and the WebSocket handshake and frames.
 
 pub mod channels;
+pub mod payload;
 pub mod template;
 pub mod websocket;

@@ -30,6 +30,8 @@ pub struct Template {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Values<'a> {
     pub text: &'a [u8],
+    /// A binary message: `text` holds its bytes, which no text template applies to.
+    pub binary: bool,
     pub channel: &'a str,
     pub id: i64,
     pub time: &'a str,
@@ -117,6 +119,7 @@ mod tests {
     fn renders() {
         let v = Values {
             text: b"hello",
+            binary: false,
             channel: "news",
             id: 7,
             time: "2026-01-01T00:00:00",

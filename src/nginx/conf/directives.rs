@@ -135,6 +135,7 @@ const READY: bool = true;
 
 use Kind::{Complex, Custom, Flag};
 const NUM_POS: Kind = Kind::Num { positive: true };
+const MSEC: Kind = Kind::Msec { positive: false };
 const MSEC_POS: Kind = Kind::Msec { positive: true };
 const SEC: Kind = Kind::Sec { positive: false };
 const SEC_POS: Kind = Kind::Sec { positive: true };
@@ -144,7 +145,7 @@ const STR_NONEMPTY: Kind = Kind::Str { nonempty: true };
 /// Every directive pgpush accepts: push-stream 0.6.0's, the fork's `*_request` hooks, and
 /// our `push_stream_postgres*`. README.md's directive reference must list each one (t/00).
 #[rustfmt::skip]
-pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 47] = [
+pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 48] = [
     /* locations and their role */
     loc!("push_stream_channels_statistics", NGX_CONF_NOARGS, channels_statistics, Custom(set_channels_statistics), NOT_YET),
     loc!("push_stream_publisher", NGX_CONF_NOARGS | T1, publisher, Custom(set_publisher), READY),
@@ -179,7 +180,7 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 47] = [
     any!("push_stream_subscriber_connection_ttl", T1, subscriber_connection_ttl, MSEC_POS, READY),
     any!("push_stream_subscriber_output_limit", T1, subscriber_output_limit, Kind::Size, READY),
     any!("push_stream_longpolling_connection_ttl", T1, longpolling_connection_ttl, MSEC_POS, NOT_YET),
-    any!("push_stream_websocket_allow_publish", T1, websocket_allow_publish, Flag, NOT_YET),
+    any!("push_stream_websocket_allow_publish", T1, websocket_allow_publish, Flag, READY),
     any_if!("push_stream_last_received_message_time", T1, last_received_message_time, Complex, NOT_YET),
     any_if!("push_stream_last_received_message_tag", T1, last_received_message_tag, Complex, NOT_YET),
     any_if!("push_stream_last_event_id", T1, last_event_id, Complex, NOT_YET),
@@ -197,6 +198,7 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 47] = [
     main!("push_stream_postgres", T1, postgres, Custom(set_postgres), READY),
     main!("push_stream_postgres_channel_prefix", T1, postgres_channel_prefix, Custom(set_postgres_channel_prefix), READY),
     main!("push_stream_postgres_reconnect", NGX_CONF_TAKE2, postgres_reconnect, Custom(set_postgres_reconnect), READY),
+    main!("push_stream_postgres_publish_timeout", T1, postgres_publish_timeout, MSEC, READY),
     any!("push_stream_postgres_on_subscribe", T1, postgres_on_subscribe, STR_NONEMPTY, NOT_YET),
     any!("push_stream_postgres_on_unsubscribe", T1, postgres_on_unsubscribe, STR_NONEMPTY, NOT_YET),
     any!("push_stream_postgres_on_publish", T1, postgres_on_publish, STR_NONEMPTY, NOT_YET),

@@ -52,6 +52,8 @@ pub struct MainConf {
     pub postgres: Option<ConnInfo>,
     pub postgres_channel_prefix: ngx_str_t,
     pub postgres_reconnect: Option<Reconnect>,
+    /// How long a publish waits for PostgreSQL while the connection is down.
+    pub postgres_publish_timeout: ngx_msec_t,
 
     /// Some location subscribes or publishes: the module is in use in this configuration.
     pub has_push_locations: bool,
@@ -79,6 +81,7 @@ impl Default for MainConf {
             postgres: None,
             postgres_channel_prefix: NULL_STR,
             postgres_reconnect: None,
+            postgres_publish_timeout: NGX_CONF_UNSET_MSEC,
             has_push_locations: false,
             warned: BTreeSet::new(),
         }
@@ -101,6 +104,7 @@ impl MainConf {
             self.shared_memory_size = 32 * 1024 * 1024;
         }
         self.postgres_reconnect.get_or_insert_with(Reconnect::default);
+        init(&mut self.postgres_publish_timeout, NGX_CONF_UNSET_MSEC, 5000);
     }
 
     /// `push_stream_postgres_channel_prefix` (checked to be UTF-8 by its setter).

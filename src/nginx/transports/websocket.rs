@@ -34,7 +34,9 @@ use tungstenite::Message;
 use crate::nginx::conf::{LocConf, MainConf};
 use crate::nginx::http::{self, finalize, DONE, ERROR, OK};
 use crate::nginx::lifecycle::{self, Encoding, SubKey, Subscription, Transport};
+use crate::nginx::worker;
 use crate::protocol::channels::{self, Limits};
+use crate::protocol::payload::{self, MAX_PAYLOAD};
 use crate::protocol::template::Values;
 use crate::protocol::websocket::{self as ws, close, HandshakeError, HandshakeRequest};
 
@@ -44,6 +46,8 @@ const CLOSE_TIMEOUT: ngx_msec_t = 5000;
 const READ_BUFFER: usize = 4096;
 /// At most this many queued frames per `send_chain` call.
 const IOV: usize = 64;
+/// Client messages waiting for PostgreSQL before reading pauses.
+const MAX_PENDING: usize = 256;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -72,7 +76,8 @@ pub struct Subscriber {
     refusal: Option<(u16, String)>,
     state: State,
     out: Output,
-    ws: Option<Box<WebSocketContext>>,
+    /// Created on the first client frame: idle subscribers carry no read state.
+    reader: Option<Box<Reader>>,
     ping: ngx_event_t,
     send_timeout: ngx_msec_t,
     max_message: Option<usize>,
@@ -138,7 +143,7 @@ pub fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
         refusal,
         state: State::Handshake,
         out: Output::default(),
-        ws: None,
+        reader: None,
         // SAFETY: an all-zero event is nginx's own initial state
         ping: unsafe { core::mem::zeroed() },
         send_timeout: clcf.send_timeout,
@@ -299,6 +304,12 @@ impl Transport for Subscriber {
     }
 
     fn encode(&self, message: &Values<'_>) -> Rc<[u8]> {
+        if message.binary {
+            // byte-exact: a template is text and does not apply
+            let mut buf = Vec::with_capacity(message.text.len() + 10);
+            ws::encode(ws::OP_BINARY, message.text, &mut buf);
+            return Rc::from(buf);
+        }
         let mut text = Vec::new();
         let body = match self.lcf.template.as_ref() {
             Some(t) if !t.is_identity() => {
@@ -452,26 +463,38 @@ impl Subscriber {
         unsafe { nginx_sys::ngx_add_timer((*self.c).read, CLOSE_TIMEOUT) };
     }
 
-    /// Reads client frames until the socket is drained.
+    /// Reads client frames until the socket is drained, or until too many of this
+    /// client's messages wait for PostgreSQL (the rest stays in the socket: TCP pushes back
+    /// on the client, and reading resumes as publishes complete).
     fn read_frames(&mut self) {
         let max = self.max_message;
-        let ctx = self.ws.get_or_insert_with(|| {
+        let mut reader = self.reader.take().unwrap_or_else(|| {
             let config = WebSocketConfig::default()
                 .read_buffer_size(READ_BUFFER)
                 .write_buffer_size(0)
                 .max_message_size(max)
                 .max_frame_size(max);
-            Box::new(WebSocketContext::new(Role::Server, Some(config)))
+            Box::new(Reader {
+                ctx: WebSocketContext::new(Role::Server, Some(config)),
+                pending: VecDeque::new(),
+                paused: false,
+            })
         });
-        let mut io = Io { c: self.c, out: &mut self.out };
+        reader.paused = false;
         let next = loop {
-            match ctx.read(&mut io) {
-                // publishing from WebSocket clients comes with websocket_allow_publish
+            if reader.pending.len() >= MAX_PENDING {
+                reader.paused = true;
+                break Ok(State::Open);
+            }
+            let mut io = Io { c: self.c, out: &mut self.out };
+            let message = match reader.ctx.read(&mut io) {
                 Ok(Message::Close(_)) => {
                     // queues the echo of the client's code
-                    let _ = ctx.flush(&mut io);
+                    let _ = reader.ctx.flush(&mut io);
                     break Ok(State::ClosingPeer);
                 }
+                Ok(Message::Text(t)) => Incoming::Text(t),
+                Ok(Message::Binary(b)) => Incoming::Binary(b),
                 Ok(_) => continue,
                 Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                     break Ok(State::Open);
@@ -490,19 +513,55 @@ impl Subscriber {
                     };
                     break Err((code, e.to_string()));
                 }
+            };
+            if let Err(e) = self.client_message(&mut reader, message) {
+                break Err(e);
             }
         };
         match next {
-            Ok(State::Open) => {}
-            Ok(state) => {
-                self.ws = None;
-                self.state = state;
-            }
-            Err((code, reason)) => {
-                self.ws = None;
-                self.start_close(Some(code), &reason);
-            }
+            Ok(State::Open) => self.reader = Some(reader),
+            Ok(state) => self.state = state,
+            Err((code, reason)) => self.start_close(Some(code), &reason),
         }
+    }
+
+    /// A message from the client: published to every channel of the path with
+    /// `push_stream_websocket_allow_publish on`, ignored otherwise (as push-stream does).
+    fn client_message(
+        &mut self,
+        reader: &mut Reader,
+        message: Incoming,
+    ) -> Result<(), (u16, String)> {
+        if self.lcf.websocket_allow_publish != 1 {
+            return Ok(());
+        }
+        let payload = match &message {
+            Incoming::Text(t) => payload::wrap_text(t.as_str()),
+            Incoming::Binary(b) => payload::wrap_binary(b),
+        };
+        if payload.len() > MAX_PAYLOAD {
+            ngx::ngx_log_error!(
+                NGX_LOG_INFO,
+                self.log(),
+                "pgpush: client message of {} bytes ({} as a notification) is over the \
+                 {MAX_PAYLOAD} bytes a PostgreSQL notification carries, closing with 1009",
+                message.len(),
+                payload.len()
+            );
+            let reason =
+                format!("Message too large: a notification carries at most {MAX_PAYLOAD} bytes");
+            return Err((close::TOO_BIG, reason));
+        }
+        let me = ptr::from_mut(self);
+        let channels: Vec<String> = self.sub.channels().map(str::to_string).collect();
+        worker::with(|w| {
+            for channel in channels {
+                let done =
+                    Box::new(move |id, outcome: Result<(), &str>| published(me, id, outcome));
+                reader.pending.push_back(w.publish(channel, payload.clone(), done));
+            }
+        });
+        Ok(())
     }
 
     /// Reads and drops input while closing; true if anything (or EOF) arrived.
@@ -628,6 +687,66 @@ impl Subscriber {
         // SAFETY: the connection is ours since detach(); the subscriber is gone
         unsafe { nginx_sys::ngx_http_close_connection(c) };
     }
+}
+
+/// A client's message.
+enum Incoming {
+    Text(tungstenite::Utf8Bytes),
+    Binary(tungstenite::Bytes),
+}
+
+impl Incoming {
+    fn len(&self) -> usize {
+        match self {
+            Incoming::Text(t) => t.len(),
+            Incoming::Binary(b) => b.len(),
+        }
+    }
+}
+
+/// The read side of an open connection, made on the first client frame.
+struct Reader {
+    ctx: WebSocketContext,
+    /// Client publishes waiting for PostgreSQL, oldest first.
+    pending: VecDeque<u64>,
+    /// Reading stopped at [`MAX_PENDING`].
+    paused: bool,
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        // the subscriber is going: answers for it must not arrive
+        if !self.pending.is_empty() {
+            worker::with(|w| self.pending.drain(..).for_each(|id| drop(w.take_publish(id))));
+        }
+    }
+}
+
+/// PostgreSQL answered one of this client's publishes.
+fn published(sub: *mut Subscriber, id: u64, outcome: Result<(), &str>) {
+    // SAFETY: a subscriber with pending publishes is alive: dropping its reader forgets them
+    let sub = unsafe { &mut *sub };
+    let Some(reader) = sub.reader.as_mut() else {
+        return;
+    };
+    reader.pending.retain(|p| *p != id);
+    let paused = reader.paused && reader.pending.len() <= MAX_PENDING / 2;
+    match outcome {
+        Err(why) => {
+            ngx::ngx_log_error!(
+                NGX_LOG_ERR,
+                sub.log(),
+                "pgpush: client message not published, closing with 1011: {}",
+                why
+            );
+            sub.reader = None;
+            sub.start_close(Some(close::INTERNAL), "database unavailable");
+        }
+        Ok(()) if paused && sub.state == State::Open => sub.read_frames(),
+        Ok(()) => return,
+    }
+    sub.write_queued();
+    sub.finish_if_done();
 }
 
 /// The nginx connection as tungstenite's stream: reads go to the socket, writes (pongs,
