@@ -59,6 +59,11 @@ fn handle(e: Event) {
                 }
             }
         }
+        Event::HookRows { id, rows } => {
+            if let Some(Some(reply)) = worker::with(|w| w.take_hook(id)) {
+                reply(id, rows);
+            }
+        }
         // what was published while the connection was down is gone: say so
         Event::Connected { relistened: true } => lifecycle::gap(),
         Event::Connected { relistened: false } | Event::Disconnected => {}

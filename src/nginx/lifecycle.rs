@@ -25,8 +25,13 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use nginx_sys::ngx_http_request_t;
+
 use crate::hub::{Hub, ListenChange, Slot};
-use crate::nginx::worker;
+use crate::nginx::conf::LocConf;
+use crate::nginx::hooks::{self, Hooks};
+use crate::nginx::{http, worker};
+use crate::postgres::cells::Reply;
 use crate::protocol::payload;
 use crate::protocol::template::Values;
 
@@ -58,6 +63,9 @@ pub trait Transport {
 
     /// The worker is shutting down: tell the client and close. May finalize.
     fn going_away(&mut self);
+
+    /// What a publish hook sent back, for this client only. May finalize.
+    fn reply(&mut self, rows: Vec<Reply>);
 }
 
 /// Identifies how a message is encoded: the transport kind and its location's template.
@@ -68,7 +76,7 @@ pub struct Encoding {
 }
 
 /// What the lifecycle keeps inside each transport.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Subscription {
     /// PostgreSQL channel names, with the slot held in each.
     channels: Vec<(String, Slot)>,
@@ -76,14 +84,24 @@ pub struct Subscription {
     waiting: usize,
     /// Queued output not flushed yet.
     dirty: bool,
+    /// The subscriber's hooks, when its location has some.
+    hooks: Option<Box<Hooks>>,
 }
 
 impl Subscription {
-    /// A subscription to these PostgreSQL channels (repeats are joined once).
-    pub fn new(mut channels: Vec<String>) -> Self {
+    /// A subscription to these PostgreSQL channels (repeats are joined once), admitted: the
+    /// location's subscribe hooks run now, with the request.
+    pub fn admit(
+        r: &mut ngx_http_request_t,
+        lcf: &'static LocConf,
+        mut channels: Vec<String>,
+    ) -> Self {
         let mut seen = std::collections::HashSet::new();
         channels.retain(|c| seen.insert(c.clone()));
-        Self { channels: channels.into_iter().map(|c| (c, 0)).collect(), ..Self::default() }
+        let prefix = http::main_conf(r).channel_prefix().len();
+        let ids = channels.iter().map(|c| c.get(prefix..).unwrap_or(c).to_string()).collect();
+        let hooks = hooks::admit(r, lcf, ids);
+        Self { channels: channels.into_iter().map(|c| (c, 0)).collect(), hooks, ..Self::default() }
     }
 
     /// The PostgreSQL channels subscribed to.
@@ -200,6 +218,9 @@ pub fn leave(key: SubKey) {
     // SAFETY: called by the transport's cleanup, before it is freed
     let sub = unsafe { key.get() }.subscription();
     let channels = std::mem::take(&mut sub.channels);
+    if let Some(h) = sub.hooks.take() {
+        hooks::left(*h);
+    }
     let unlisten = with(|reg| {
         let mut unlisten = Vec::new();
         for (channel, slot) in &channels {
@@ -218,6 +239,25 @@ pub fn leave(key: SubKey) {
     .unwrap_or_default();
     if !unlisten.is_empty() {
         worker::with(|w| unlisten.into_iter().for_each(|ch| w.unlisten(ch)));
+    }
+}
+
+/// A client sent a message: the publish hooks run, and what they send back reaches this
+/// client only.
+pub fn client_message(key: SubKey, message: &hooks::Message<'_>) {
+    // SAFETY: called by the live transport itself
+    let sub = unsafe { key.get() }.subscription();
+    if let Some(h) = sub.hooks.as_mut() {
+        hooks::client_message(h, message, move |id, rows| {
+            // SAFETY: the call is forgotten when the transport leaves, so it is live
+            let t = unsafe { key.get() };
+            if let Some(h) = t.subscription().hooks.as_mut() {
+                h.answered(id);
+            }
+            if !rows.is_empty() {
+                t.reply(rows);
+            }
+        });
     }
 }
 

@@ -18,6 +18,7 @@
 
 pub mod conf;
 mod dispatch;
+mod hooks;
 mod http;
 mod lifecycle;
 mod publisher;
@@ -101,8 +102,14 @@ impl HttpModule for HttpPgPushModule {
         // SAFETY: both are LocConf created by create_loc_conf; cf is valid during merge
         let (cf, prev, conf) =
             unsafe { (&mut *cf, &*prev.cast::<LocConf>(), &mut *conf.cast::<LocConf>()) };
-        if conf.merge(prev).is_err() || conf.check(cf).is_err() {
+        let has_postgres = HttpPgPushModule::main_conf(&*cf).is_some_and(|m| m.postgres.is_some());
+        if conf.merge(prev).is_err() || conf.check(cf, has_postgres).is_err() {
             return NGX_CONF_ERROR;
+        }
+        if conf.subscriber.is_some() && conf.sql_hooks().next().is_some() {
+            if let Some(mcf) = HttpPgPushModule::main_conf_mut(&*cf) {
+                mcf.has_sql_hooks = true;
+            }
         }
         set_handler(cf, conf)
     }

@@ -25,13 +25,17 @@ use nginx_sys::{
 use ngx::http::HttpModuleMainConf;
 
 use crate::nginx::HttpPgPushModule;
-use crate::postgres::{Bridge, Command, Event, Level, SideConnection};
+use crate::postgres::cells::Reply;
+use crate::postgres::{Bridge, Command, Event, HookCall, Level, SideConnection};
 
 /// How long `exit_process` waits for the tokio side to close its connection.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Called once with a publish's id and outcome: `Err` carries why it was not committed.
 pub type PublishDone = Box<dyn FnOnce(u64, Result<(), &str>)>;
+
+/// Called once with an SQL hook call's id and the first column of its result rows.
+pub type HookReply = Box<dyn FnOnce(u64, Vec<Reply>)>;
 
 pub struct Worker {
     bridge: Arc<Bridge>,
@@ -40,6 +44,8 @@ pub struct Worker {
     pub log: *mut ngx_log_t,
     /// Publishes waiting for PostgreSQL, by id.
     publishes: HashMap<u64, PublishDone>,
+    /// SQL hook calls whose rows go back to a client, by id.
+    hooks: HashMap<u64, HookReply>,
     next_publish: u64,
     /// `push_stream_postgres_channel_prefix`, for events that come without a request.
     pub prefix: String,
@@ -122,8 +128,10 @@ pub fn start(cycle: &mut ngx_cycle_t, on_bridge: ngx_event_handler_pt) -> Result
             let worker = unsafe { nginx_sys::ngx_worker };
             let timeout = Duration::from_millis(mcf.postgres_publish_timeout as u64);
             let config = conninfo.config().clone();
-            let side = SideConnection::start(config, reconnect, timeout, bridge.clone(), worker)
-                .map_err(|e| format!("cannot start the postgres thread: {e}"))?;
+            let hooks = mcf.has_sql_hooks;
+            let side =
+                SideConnection::start(config, reconnect, timeout, bridge.clone(), worker, hooks)
+                    .map_err(|e| format!("cannot start the postgres thread: {e}"))?;
             Some(side)
         }
     };
@@ -136,6 +144,7 @@ pub fn start(cycle: &mut ngx_cycle_t, on_bridge: ngx_event_handler_pt) -> Result
             conn: c,
             log: cycle.log,
             publishes: HashMap::new(),
+            hooks: HashMap::new(),
             next_publish: 1,
             prefix,
         });
@@ -217,6 +226,31 @@ impl Worker {
         }
         self.publishes.insert(n, done);
         n
+    }
+
+    /// Queues an SQL hook call; `reply`, if any, gets the rows from the dispatcher.
+    pub fn hook(
+        &mut self,
+        name: &'static str,
+        sql: Arc<str>,
+        params: Vec<Option<String>>,
+        reply: Option<HookReply>,
+    ) -> u64 {
+        let id = self.next_publish;
+        self.next_publish += 1;
+        let rows = reply.is_some();
+        if let Some(side) = &self.side {
+            side.hook(HookCall { id, name, sql, params, rows });
+        }
+        if let Some(reply) = reply {
+            self.hooks.insert(id, reply);
+        }
+        id
+    }
+
+    /// Whoever waits for a hook call's rows (gone if its subscriber left).
+    pub fn take_hook(&mut self, id: u64) -> Option<HookReply> {
+        self.hooks.remove(&id)
     }
 
     /// The waiter of a publish, taken to be answered (or forgotten: the request is gone).

@@ -38,6 +38,12 @@ pub enum Event {
     /// These channels are LISTENed (or will be on reconnect, while the database is down):
     /// a subscriber waiting for them can be told it is subscribed.
     Listening(Vec<String>),
+    /// What an SQL hook call that wanted rows got back (nothing if it failed: that is
+    /// logged).
+    HookRows {
+        id: u64,
+        rows: Vec<crate::postgres::cells::Reply>,
+    },
     /// The outcome of [`crate::postgres::Command::Publish`]es: committed, or why not.
     Published {
         ids: Vec<u64>,

@@ -5,6 +5,8 @@
 //! event loop. Log lines travel the same way, since logging is an nginx API too.
 
 pub mod bridge;
+pub mod cells;
+pub mod hooks;
 
 use std::collections::BTreeSet;
 use std::future::poll_fn;
@@ -19,6 +21,7 @@ use tokio::time::Instant;
 use tokio_postgres::{AsyncMessage, NoTls};
 
 pub use self::bridge::{Bridge, Event, Level};
+pub use self::hooks::HookCall;
 use crate::config::conninfo;
 use crate::config::values::Reconnect;
 use crate::protocol::channels::quote_ident;
@@ -48,6 +51,8 @@ const LIVENESS_TIMEOUT: Duration = Duration::from_secs(10);
 /// The worker's handle on its side thread.
 pub struct SideConnection {
     tx: mpsc::UnboundedSender<Command>,
+    /// The SQL hooks' connection, when some location has SQL hooks.
+    hooks: Option<mpsc::UnboundedSender<HookCall>>,
     thread: Option<thread::JoinHandle<()>>,
     done: Arc<(Mutex<bool>, Condvar)>,
 }
@@ -62,8 +67,15 @@ impl SideConnection {
         timeout: Duration,
         bridge: Arc<Bridge>,
         worker: usize,
+        with_hooks: bool,
     ) -> io::Result<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (hooks, hooks_rx) = if with_hooks {
+            let (t, r) = mpsc::unbounded_channel();
+            (Some(t), Some(r))
+        } else {
+            (None, None)
+        };
         let done = Arc::new((Mutex::new(false), Condvar::new()));
         let done2 = done.clone();
 
@@ -71,7 +83,16 @@ impl SideConnection {
             thread::Builder::new().name(format!("pgpush-pg-{worker}")).spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
                 match rt {
-                    Ok(rt) => rt.block_on(run(config, reconnect, timeout, rx, bridge.clone())),
+                    Ok(rt) => rt.block_on(async {
+                        let hooks = hooks_rx.map(|r| {
+                            tokio::spawn(hooks::run(config.clone(), reconnect, r, bridge.clone()))
+                        });
+                        run(config, reconnect, timeout, rx, bridge.clone()).await;
+                        // the hooks finish what is queued (unsubscribes at shutdown)
+                        if let Some(h) = hooks {
+                            let _ = h.await;
+                        }
+                    }),
                     Err(e) => bridge.log(Level::Alert, format!("tokio runtime failed: {e}")),
                 }
                 let (lock, cv) = &*done2;
@@ -80,7 +101,7 @@ impl SideConnection {
             })
         })?;
 
-        Ok(Self { tx, thread: Some(thread), done })
+        Ok(Self { tx, hooks, thread: Some(thread), done })
     }
 
     pub fn send(&self, cmd: Command) {
@@ -88,10 +109,18 @@ impl SideConnection {
         let _ = self.tx.send(cmd);
     }
 
+    /// Queues an SQL hook call.
+    pub fn hook(&self, call: HookCall) {
+        if let Some(h) = &self.hooks {
+            let _ = h.send(call);
+        }
+    }
+
     /// Asks the thread to close the connection and waits at most `timeout` for it.
     /// Returns false if the thread was left behind (it dies with the process).
     pub fn stop(mut self, timeout: Duration) -> bool {
         self.send(Command::Stop);
+        self.hooks = None;
         let (lock, cv) = &*self.done;
         let mut finished = lock.lock();
         if !*finished {

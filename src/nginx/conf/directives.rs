@@ -11,16 +11,19 @@ use core::ffi::{c_char, c_void, CStr};
 use core::{mem, ptr};
 
 use nginx_sys::{
-    ngx_command_t, ngx_conf_t, ngx_int_t, ngx_str_t, ngx_uint_t, NGX_CONF_NOARGS, NGX_CONF_TAKE1,
-    NGX_CONF_TAKE12, NGX_CONF_TAKE2, NGX_HTTP_LIF_CONF, NGX_HTTP_LOC_CONF,
-    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_SRV_CONF,
-    NGX_LOG_EMERG, NGX_LOG_WARN,
+    ngx_command_t, ngx_conf_t, ngx_http_complex_value_t, ngx_int_t, ngx_str_t, ngx_uint_t,
+    NGX_CONF_1MORE, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_CONF_TAKE2,
+    NGX_HTTP_LIF_CONF, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF,
+    NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG, NGX_LOG_WARN,
 };
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::http::HttpModuleMainConf;
 use ngx::{ngx_conf_log_error, ngx_string};
 
-use super::{ConfError, LocConf, MainConf, Position, NGX_CONF_UNSET_SIZE};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use super::{ConfError, LocConf, MainConf, Position, SqlHook, NGX_CONF_UNSET_SIZE};
 use crate::config::conninfo::{self, ConnInfo};
 use crate::config::values::{self, Padding, PublisherMode, Reconnect, SubscriberMode, ValueError};
 use crate::nginx::HttpPgPushModule;
@@ -199,9 +202,9 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 48] = [
     main!("push_stream_postgres_channel_prefix", T1, postgres_channel_prefix, Custom(set_postgres_channel_prefix), READY),
     main!("push_stream_postgres_reconnect", NGX_CONF_TAKE2, postgres_reconnect, Custom(set_postgres_reconnect), READY),
     main!("push_stream_postgres_publish_timeout", T1, postgres_publish_timeout, MSEC, READY),
-    any!("push_stream_postgres_on_subscribe", T1, postgres_on_subscribe, STR_NONEMPTY, NOT_YET),
-    any!("push_stream_postgres_on_unsubscribe", T1, postgres_on_unsubscribe, STR_NONEMPTY, NOT_YET),
-    any!("push_stream_postgres_on_publish", T1, postgres_on_publish, STR_NONEMPTY, NOT_YET),
+    any!("push_stream_postgres_on_subscribe", NGX_CONF_1MORE, postgres_on_subscribe, Custom(set_sql_hook), READY),
+    any!("push_stream_postgres_on_unsubscribe", NGX_CONF_1MORE, postgres_on_unsubscribe, Custom(set_sql_hook), READY),
+    any!("push_stream_postgres_on_publish", NGX_CONF_1MORE, postgres_on_publish, Custom(set_sql_hook), READY),
     ngx_command_t::empty(),
 ];
 
@@ -568,4 +571,50 @@ fn set_postgres_reconnect(cf: &mut ngx_conf_t, field: *mut c_void) -> Result<(),
     })?;
     *slot = Some(r);
     Ok(())
+}
+
+fn set_sql_hook(cf: &mut ngx_conf_t, field: *mut c_void) -> Result<(), ConfError> {
+    // SAFETY: the field is an Option<Rc<SqlHook>>
+    let slot = unsafe { &mut *field.cast::<Option<Rc<SqlHook>>>() };
+    if slot.is_some() {
+        return Err(ConfError::Duplicate);
+    }
+    let a = args(cf).to_vec();
+    let sql = core::str::from_utf8(a[1].as_bytes())
+        .map_err(|_| ConfError::invalid(a[1].as_bytes(), "it must be UTF-8"))?;
+    if sql.trim().is_empty() {
+        return Err(ConfError::invalid(a[1].as_bytes(), "it must not be empty"));
+    }
+    let mut values = Vec::new();
+    for v in &a[2..] {
+        values.push(compile_complex(cf, *v)?);
+    }
+    let position = Position::of(cf).unwrap_or_default();
+    *slot = Some(Rc::new(SqlHook { sql: Arc::from(sql), values, position }));
+    Ok(())
+}
+
+/// A value with variables, compiled into the configuration pool.
+fn compile_complex(
+    cf: &mut ngx_conf_t,
+    mut value: ngx_str_t,
+) -> Result<*mut ngx_http_complex_value_t, ConfError> {
+    // SAFETY: pool memory for the compiled value, as the stock slot allocates it
+    let cv = unsafe {
+        nginx_sys::ngx_pcalloc(cf.pool, mem::size_of::<ngx_http_complex_value_t>())
+            .cast::<ngx_http_complex_value_t>()
+    };
+    if cv.is_null() {
+        return Err(ConfError::Logged);
+    }
+    // SAFETY: an all-zero compile request is nginx's own starting point
+    let mut ccv: nginx_sys::ngx_http_compile_complex_value_t = unsafe { mem::zeroed() };
+    ccv.cf = cf;
+    ccv.value = &mut value;
+    ccv.complex_value = cv;
+    // SAFETY: ccv is filled as ngx_http_set_complex_value_slot fills it
+    if unsafe { nginx_sys::ngx_http_compile_complex_value(&mut ccv) } != 0 {
+        return Err(ConfError::Logged);
+    }
+    Ok(cv)
 }

@@ -4,6 +4,8 @@
 
 use core::ptr;
 use std::collections::BTreeSet;
+use std::rc::Rc;
+use std::sync::Arc;
 
 use nginx_sys::{
     ngx_conf_t, ngx_flag_t, ngx_http_complex_value_t, ngx_msec_t, ngx_str_t, ngx_uint_t, time_t,
@@ -57,6 +59,8 @@ pub struct MainConf {
 
     /// Some location subscribes or publishes: the module is in use in this configuration.
     pub has_push_locations: bool,
+    /// Some location has SQL hooks: each worker opens a connection for them.
+    pub has_sql_hooks: bool,
     /// Directives already warned about as having no effect yet (one line per name).
     pub(crate) warned: BTreeSet<&'static str>,
 }
@@ -83,6 +87,7 @@ impl Default for MainConf {
             postgres_reconnect: None,
             postgres_publish_timeout: NGX_CONF_UNSET_MSEC,
             has_push_locations: false,
+            has_sql_hooks: false,
             warned: BTreeSet::new(),
         }
     }
@@ -133,6 +138,16 @@ impl Position {
     }
 }
 
+/// `push_stream_postgres_on_* "<sql>" [value ...]`.
+#[derive(Debug)]
+pub struct SqlHook {
+    pub sql: Arc<str>,
+    /// `$3`, `$4`...: values with variables, evaluated on the subscriber's request.
+    pub values: Vec<*mut ngx_http_complex_value_t>,
+    /// Where it was written, for the check that PostgreSQL is configured.
+    pub position: Position,
+}
+
 /// `location` level settings (also settable at `http` and `server` level where push-stream
 /// allows it).
 #[derive(Debug)]
@@ -167,9 +182,9 @@ pub struct LocConf {
     pub client_unsubscribed_request: *mut ngx_http_complex_value_t,
     pub client_publish_request: *mut ngx_http_complex_value_t,
 
-    pub postgres_on_subscribe: ngx_str_t,
-    pub postgres_on_unsubscribe: ngx_str_t,
-    pub postgres_on_publish: ngx_str_t,
+    pub postgres_on_subscribe: Option<Rc<SqlHook>>,
+    pub postgres_on_unsubscribe: Option<Rc<SqlHook>>,
+    pub postgres_on_publish: Option<Rc<SqlHook>>,
 
     /// Unsent output a subscriber may hold before it is closed as too slow.
     pub subscriber_output_limit: usize,
@@ -206,9 +221,9 @@ impl Default for LocConf {
             client_subscribed_request: NGX_CONF_UNSET_PTR,
             client_unsubscribed_request: NGX_CONF_UNSET_PTR,
             client_publish_request: NGX_CONF_UNSET_PTR,
-            postgres_on_subscribe: NULL_STR,
-            postgres_on_unsubscribe: NULL_STR,
-            postgres_on_publish: NULL_STR,
+            postgres_on_subscribe: None,
+            postgres_on_unsubscribe: None,
+            postgres_on_publish: None,
             subscriber_output_limit: NGX_CONF_UNSET_SIZE,
             template: None,
         }
@@ -266,9 +281,15 @@ impl Merge for LocConf {
         merge_ptr(&mut self.client_subscribed_request, prev.client_subscribed_request);
         merge_ptr(&mut self.client_unsubscribed_request, prev.client_unsubscribed_request);
         merge_ptr(&mut self.client_publish_request, prev.client_publish_request);
-        merge_str(&mut self.postgres_on_subscribe, prev.postgres_on_subscribe, "");
-        merge_str(&mut self.postgres_on_unsubscribe, prev.postgres_on_unsubscribe, "");
-        merge_str(&mut self.postgres_on_publish, prev.postgres_on_publish, "");
+        for (v, prev) in [
+            (&mut self.postgres_on_subscribe, &prev.postgres_on_subscribe),
+            (&mut self.postgres_on_unsubscribe, &prev.postgres_on_unsubscribe),
+            (&mut self.postgres_on_publish, &prev.postgres_on_publish),
+        ] {
+            if v.is_none() {
+                v.clone_from(prev);
+            }
+        }
         merge(
             &mut self.subscriber_output_limit,
             prev.subscriber_output_limit,
@@ -317,8 +338,33 @@ fn static_str(s: &'static str) -> ngx_str_t {
 }
 
 impl LocConf {
+    /// The SQL hooks of this location.
+    pub fn sql_hooks(&self) -> impl Iterator<Item = &SqlHook> {
+        [&self.postgres_on_subscribe, &self.postgres_on_unsubscribe, &self.postgres_on_publish]
+            .into_iter()
+            .filter_map(|h| h.as_deref())
+    }
+
+    /// Whether a subscriber of this location runs any hook.
+    pub fn has_hooks(&self) -> bool {
+        self.sql_hooks().next().is_some()
+            || !self.client_subscribed_request.is_null()
+            || !self.client_unsubscribed_request.is_null()
+            || !self.client_publish_request.is_null()
+    }
+
     /// Checks that need the merged location, reported at the directive that needs them.
-    pub fn check(&self, cf: &mut ngx_conf_t) -> Result<(), ConfError> {
+    pub fn check(&self, cf: &mut ngx_conf_t, has_postgres: bool) -> Result<(), ConfError> {
+        if !has_postgres {
+            if let Some(h) = self.sql_hooks().next() {
+                emerg_at(
+                    cf,
+                    &h.position,
+                    format_args!("SQL hooks need \"push_stream_postgres\" in the http block"),
+                );
+                return Err(ConfError::Logged);
+            }
+        }
         if let Some((name, pos)) = &self.role_position {
             if self.channels_path.is_null() && !self.channels_statistics {
                 emerg_at(

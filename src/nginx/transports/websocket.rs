@@ -32,9 +32,11 @@ use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 use tungstenite::Message;
 
 use crate::nginx::conf::{LocConf, MainConf};
+use crate::nginx::hooks;
 use crate::nginx::http::{self, finalize, DONE, ERROR, OK};
 use crate::nginx::lifecycle::{self, Encoding, SubKey, Subscription, Transport};
 use crate::nginx::worker;
+use crate::postgres::cells::Reply;
 use crate::protocol::channels::{self, Limits};
 use crate::protocol::payload::{self, MAX_PAYLOAD};
 use crate::protocol::template::Values;
@@ -122,7 +124,7 @@ pub fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
     let path = http::complex_value(r, lcf.channels_path).unwrap_or_default();
     let limits =
         Limits { max_id_length: MainConf::limit(mcf.max_channel_id_length), pg_prefix: prefix };
-    let (channels, refusal) = match channels::parse_path(&path, limits) {
+    let (channels, refusal): (Vec<String>, _) = match channels::parse_path(&path, limits) {
         Ok(list) => (list.iter().map(|c| channels::pg_channel(prefix, &c.id)).collect(), None),
         Err(e) => (Vec::new(), Some((e.status(), e.to_string()))),
     };
@@ -138,7 +140,7 @@ pub fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
         cln: ptr::null_mut(),
         c: r.connection,
         lcf,
-        sub: Subscription::new(channels),
+        sub: Subscription::admit(r, lcf, channels),
         accept,
         refusal,
         state: State::Handshake,
@@ -345,6 +347,22 @@ impl Transport for Subscriber {
         self.finish_if_done();
     }
 
+    fn reply(&mut self, rows: Vec<Reply>) {
+        if self.state != State::Open {
+            return;
+        }
+        for row in rows {
+            let mut buf = Vec::new();
+            match &row {
+                Reply::Text(t) => ws::encode(ws::OP_TEXT, t.as_bytes(), &mut buf),
+                Reply::Binary(b) => ws::encode(ws::OP_BINARY, b, &mut buf),
+            }
+            self.out.push(Rc::from(buf));
+        }
+        self.write_queued();
+        self.finish_if_done();
+    }
+
     fn going_away(&mut self) {
         if self.state == State::Open {
             self.start_close(Some(close::GOING_AWAY), "");
@@ -532,6 +550,13 @@ impl Subscriber {
         reader: &mut Reader,
         message: Incoming,
     ) -> Result<(), (u16, String)> {
+        // the publish hooks run whether or not the message is published
+        let hooked = match &message {
+            Incoming::Text(t) => hooks::Message::Text(t.as_str()),
+            Incoming::Binary(b) => hooks::Message::Binary(b),
+        };
+        // SAFETY: the key of this live transport
+        lifecycle::client_message(unsafe { SubKey::new(self) }, &hooked);
         if self.lcf.websocket_allow_publish != 1 {
             return Ok(());
         }

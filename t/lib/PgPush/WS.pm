@@ -103,7 +103,7 @@ sub raw {
 
 sub _send {
 	my ($self, %args) = @_;
-	my $f = Protocol::WebSocket::Frame->new(masked => 1, %args);
+	my $f = Protocol::WebSocket::Frame->new(masked => 1, max_payload_size => 0, %args);
 	return $self->raw($f->to_bytes);
 }
 
