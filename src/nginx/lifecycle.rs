@@ -248,16 +248,21 @@ pub fn client_message(key: SubKey, message: &hooks::Message<'_>) {
     // SAFETY: called by the live transport itself
     let sub = unsafe { key.get() }.subscription();
     if let Some(h) = sub.hooks.as_mut() {
-        hooks::client_message(h, message, move |id, rows| {
-            // SAFETY: the call is forgotten when the transport leaves, so it is live
+        let replies: hooks::Replies = Rc::new(move |answer| {
+            // SAFETY: calls are forgotten when the transport leaves, so it is live
             let t = unsafe { key.get() };
             if let Some(h) = t.subscription().hooks.as_mut() {
-                h.answered(id);
+                h.answered(&answer);
             }
+            let rows = match answer {
+                hooks::Answer::Sql { rows, .. } => rows,
+                hooks::Answer::Http(body) => body.into_iter().collect(),
+            };
             if !rows.is_empty() {
                 t.reply(rows);
             }
         });
+        hooks::client_message(h, message, replies);
     }
 }
 

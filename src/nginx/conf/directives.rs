@@ -193,9 +193,9 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 48] = [
     any_if!("push_stream_allow_connections_to_events_channel", T1, allow_connections_to_events_channel, Flag, NOT_YET),
 
     /* the fork's hooks: a subrequest to this URI on each event */
-    any!("push_stream_client_subscribed_request", T1, client_subscribed_request, Complex, NOT_YET),
-    any!("push_stream_client_unsubscribed_request", T1, client_unsubscribed_request, Complex, NOT_YET),
-    any!("push_stream_client_publish_request", T1, client_publish_request, Complex, NOT_YET),
+    any!("push_stream_client_subscribed_request", T1, client_subscribed_request, Complex, READY),
+    any!("push_stream_client_unsubscribed_request", T1, client_unsubscribed_request, Complex, READY),
+    any!("push_stream_client_publish_request", T1, client_publish_request, Complex, READY),
 
     /* PostgreSQL */
     main!("push_stream_postgres", T1, postgres, Custom(set_postgres), READY),
