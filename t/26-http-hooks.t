@@ -12,7 +12,6 @@
 use warnings;
 use strict;
 
-use IO::Socket::INET;
 use Test::More;
 use Time::HiRes qw/ sleep /;
 
@@ -21,6 +20,7 @@ BEGIN { use FindBin; chdir($FindBin::Bin); }
 BEGIN { push @INC, "$FindBin::Bin/lib"; }
 use Test::Nginx;
 use PgPush qw/ wait_log /;
+use PgPush::App;
 use PgPush::PG;
 use PgPush::WS;
 
@@ -94,56 +94,13 @@ http {
 
 EOF
 
-# the recording upstream: one line per request in calls.log; /publish echoes the body
-my $calls = $t->testdir() . '/calls.log';
-$t->run_daemon(\&app, $app, $calls);
-$t->waitforsocket("127.0.0.1:$app") or die "no app\n";
+# the recording application: /publish echoes the body
+my $rec = PgPush::App->start($t, 8081, sub { $_[1] =~ m!^/publish! ? "echo:$_[2]" : '' }, hex => 1);
 $t->run();
 ok($pg->wait_sessions(2), 'two side connections');
 
-sub app {
-	my ($port, $file) = @_;
-	my $server = IO::Socket::INET->new(
-		Proto => 'tcp', LocalAddr => "127.0.0.1:$port", Listen => 64, ReuseAddr => 1,
-	) or die "app: $!\n";
-	while (my $c = $server->accept()) {
-		my $head = '';
-		while ($head !~ /\r\n\r\n/) {
-			my $n = $c->sysread($head, 4096, length $head) or last;
-		}
-		my ($h, $body) = split /\r\n\r\n/, $head, 2;
-		$body //= '';
-		my ($len) = $h =~ /^Content-Length:\s*(\d+)/mi;
-		while (defined $len && length $body < $len) {
-			$c->sysread($body, $len - length $body, length $body) or last;
-		}
-		my ($method, $uri) = $h =~ /^(\S+) (\S+)/;
-		open my $fh, '>>', $file or die;
-		$fh->autoflush(1);
-		print $fh "$method $uri " . unpack('H*', $body) . "\n";
-		close $fh;
-		my $out = $uri =~ m!^/publish! ? "echo:$body" : '';
-		$c->print("HTTP/1.1 200 OK\r\nContent-Length: " . length($out)
-			. "\r\nConnection: close\r\n\r\n$out");
-		$c->close();
-	}
-}
-
-sub calls {
-	my ($re) = @_;
-	open my $fh, '<', $calls or return ();
-	return grep { $_ =~ $re } <$fh>;
-}
-
-sub wait_calls {
-	my ($re, $n) = @_;
-	for (1 .. 50) {
-		my @c = calls($re);
-		return scalar @c if @c >= $n;
-		sleep(0.1);
-	}
-	return scalar calls($re);
-}
+sub calls { $rec->calls(@_) }
+sub wait_calls { $rec->wait(@_) }
 
 ###############################################################################
 

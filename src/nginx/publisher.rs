@@ -122,7 +122,7 @@ fn publish(r: &mut ngx_http_request_t) -> Option<ngx_int_t> {
         // one worker, no PostgreSQL: deliver here and now
         lifecycle::deliver(&pg, &payload);
         lifecycle::settle();
-        return Some(send_info(r, &pg, &id));
+        return Some(published(r, &pg, &id));
     };
 
     // SAFETY: pool memory for the id, freed with the request
@@ -155,9 +155,22 @@ fn answer(r: *mut ngx_http_request_t, pg: &str, id: &str, outcome: Result<(), &s
             let explain = format!("Message not published: {why}.");
             http::send_explain(req, 503, &explain)
         }
-        Ok(()) => send_info(req, pg, id),
+        Ok(()) => published(req, pg, id),
     };
     finalize(r, rc);
+}
+
+/// The answer to a publish: the channel info, or a header-only 200 with
+/// `push_stream_channel_info_on_publish off`.
+fn published(r: &mut ngx_http_request_t, pg: &str, id: &str) -> ngx_int_t {
+    if http::loc_conf(r).channel_info_on_publish == 0 {
+        r.headers_out.status = nginx_sys::NGX_HTTP_OK as _;
+        r.headers_out.content_length_n = 0;
+        r.set_header_only(1);
+        // SAFETY: a request being answered for the first time
+        return unsafe { nginx_sys::ngx_http_send_header(r) };
+    }
+    send_info(r, pg, id)
 }
 
 /// push-stream's channel info: `{"channel": "ID", "published_messages": N, ...}`.

@@ -172,7 +172,7 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 48] = [
 
     /* per-location behaviour */
     any_if!("push_stream_store_messages", T1, store_messages, Flag, NOT_YET),
-    any!("push_stream_channel_info_on_publish", T1, channel_info_on_publish, Flag, NOT_YET),
+    any!("push_stream_channel_info_on_publish", T1, channel_info_on_publish, Flag, READY),
     any!("push_stream_authorized_channels_only", T1, authorized_channels_only, Flag, NOT_YET),
     any!("push_stream_header_template_file", T1, header_template, Custom(set_header_template_file), READY),
     any!("push_stream_header_template", T1, header_template, Custom(set_header_template), READY),
