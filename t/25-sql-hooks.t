@@ -29,7 +29,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(32);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(34);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -210,6 +210,12 @@ is(join(',', @{ $r->[0] // [] }), qq{a'b";c,$hostile,x%27%3B}, 'hostile id, mess
 my $len = PgPush::WS->connect('/len?id=l');
 $len->send_text('y' x (1024 * 1024 - 64));
 is($len->payload(5), 1024 * 1024 - 64, 'a message of 1 MB is bound whole');
+# a NUL cannot be in a text parameter: PostgreSQL's own error, logged; the client stays
+$len->send_text("a\x00b");
+ok(wait_log($t, qr/\[error\].*on_publish failed for channel "l": SQLSTATE 22021/, 1),
+	'a text message holding a NUL is refused by PostgreSQL with SQLSTATE 22021, logged');
+$len->send_text('after');
+is($len->payload(5), 5, 'and the client stays');
 
 ###############################################################################
 

@@ -99,8 +99,8 @@ impl Subscription {
         let mut seen = std::collections::HashSet::new();
         channels.retain(|c| seen.insert(c.clone()));
         let prefix = http::main_conf(r).channel_prefix().len();
-        let ids = channels.iter().map(|c| c.get(prefix..).unwrap_or(c).to_string()).collect();
-        let hooks = hooks::admit(r, lcf, ids);
+        let ids: Vec<&str> = channels.iter().map(|c| id_of(c, prefix)).collect();
+        let hooks = hooks::admit(r, lcf, &ids);
         Self { channels: channels.into_iter().map(|c| (c, 0)).collect(), hooks, ..Self::default() }
     }
 
@@ -219,7 +219,9 @@ pub fn leave(key: SubKey) {
     let sub = unsafe { key.get() }.subscription();
     let channels = std::mem::take(&mut sub.channels);
     if let Some(h) = sub.hooks.take() {
-        hooks::left(*h);
+        let prefix = worker::with(|w| w.prefix.len()).unwrap_or(0);
+        let ids: Vec<&str> = channels.iter().map(|(c, _)| id_of(c, prefix)).collect();
+        hooks::left(*h, &ids);
     }
     let unlisten = with(|reg| {
         let mut unlisten = Vec::new();
@@ -262,8 +264,15 @@ pub fn client_message(key: SubKey, message: &hooks::Message<'_>) {
                 t.reply(rows);
             }
         });
-        hooks::client_message(h, message, replies);
+        let prefix = worker::with(|w| w.prefix.len()).unwrap_or(0);
+        let ids: Vec<&str> = sub.channels.iter().map(|(c, _)| id_of(c, prefix)).collect();
+        hooks::client_message(h, &ids, message, replies);
     }
+}
+
+/// A channel id as the client named it: the PostgreSQL channel without the prefix.
+fn id_of(channel: &str, prefix: usize) -> &str {
+    channel.get(prefix..).unwrap_or(channel)
 }
 
 /// These channels are LISTENed: subscribers that waited for all of theirs are ready.

@@ -25,11 +25,16 @@ use ngx::http::{HttpModule, NgxHttpCoreModule};
 /// Called with the subrequest's status (0 if it never produced one) and body.
 pub type Done = Box<dyn FnOnce(usize, &[u8])>;
 
-/// What a call needs from the subscriber's connection, copied when it was admitted.
+/// What a call needs from the subscriber's connection, copied when it was admitted (kept
+/// small: every subscriber of a location with HTTP hooks holds one).
 pub struct Origin {
-    hc: ngx_http_connection_t,
+    /// The subscriber's server and address configuration (its `ngx_http_connection_t`).
+    conf_ctx: *mut nginx_sys::ngx_http_conf_ctx_t,
+    addr_conf: *mut nginx_sys::ngx_http_addr_conf_t,
+    /// nginx's HTTP request and connection log handlers (static in nginx).
     log_handler: ngx_http_log_handler_pt,
-    log: ngx_log_t,
+    log_error: nginx_sys::ngx_log_handler_pt,
+    /// Its listening socket, whose log is every connection's template.
     listening: *mut ngx_listening_t,
     /// sockaddr, then local sockaddr, then the address text.
     addrs: Box<[u8]>,
@@ -38,9 +43,14 @@ pub struct Origin {
 }
 
 impl Origin {
-    /// The subscriber's log, for lines about its hooks.
-    pub fn log(&mut self) -> *mut ngx_log_t {
-        &mut self.log
+    /// The log of the subscriber's listening socket, for lines about its hooks.
+    pub fn log(&self) -> *mut ngx_log_t {
+        // SAFETY: listening sockets live as long as the cycle, which outlives workers'
+        // connections; nginx logs through a shared pointer
+        match unsafe { self.listening.as_mut() } {
+            Some(ls) => &mut ls.log,
+            None => unsafe { (*nginx_sys::ngx_cycle).log },
+        }
     }
 
     /// # Safety
@@ -48,15 +58,16 @@ impl Origin {
     pub unsafe fn of(r: &ngx_http_request_t) -> Self {
         // SAFETY: per the contract
         let c = unsafe { &*r.connection };
-        let hc = unsafe { *r.http_connection };
-        let log = unsafe { *c.log };
+        let hc = unsafe { &*r.http_connection };
+        let log_error = unsafe { (*c.log).handler };
         let sock = bytes(c.sockaddr.cast(), c.socklen as usize);
         let local = bytes(c.local_sockaddr.cast(), c.local_socklen as usize);
         let text = bytes(c.addr_text.data, c.addr_text.len);
         Self {
-            hc,
+            conf_ctx: hc.conf_ctx,
+            addr_conf: hc.addr_conf,
             log_handler: r.log_handler,
-            log,
+            log_error,
             listening: c.listening,
             addrs: [sock, local, text].concat().into_boxed_slice(),
             socklen: sock.len() as u32,
@@ -136,9 +147,9 @@ pub fn call(
             c: mem::zeroed(),
             rev: mem::zeroed(),
             wev: mem::zeroed(),
-            log: origin.log,
+            log: *origin.log(),
             log_ctx: mem::zeroed(),
-            hc: origin.hc,
+            hc: mem::zeroed(),
             addrs: origin.addrs.clone(),
             ps: mem::zeroed(),
             r: ptr::null_mut(),
@@ -181,7 +192,10 @@ unsafe fn start(call: *mut Call, origin: &Origin) -> Result<(), ()> {
     let text = unsafe { local.add(origin.local_socklen as usize) };
     let text_len = k.addrs.len() - (origin.socklen + origin.local_socklen) as usize;
 
+    k.hc.conf_ctx = origin.conf_ctx;
+    k.hc.addr_conf = origin.addr_conf;
     k.log_ctx.connection = &mut k.c;
+    k.log.handler = origin.log_error;
     k.log.data = ptr::addr_of_mut!(k.log_ctx).cast();
     k.log.action = c"running a pgpush hook".as_ptr().cast_mut();
 

@@ -49,26 +49,31 @@ pub type Replies = Rc<dyn Fn(Answer)>;
 struct HttpHooks {
     origin: Origin,
     /// The subscriber's request args, for targets without `?`.
-    args: Vec<u8>,
-    unsubscribed: Option<Vec<u8>>,
-    publish: Option<Vec<u8>>,
-    /// Messages for the publish hook; one call at a time keeps replies in order.
+    args: Box<[u8]>,
+    unsubscribed: Option<Box<[u8]>>,
+    publish: Option<Box<[u8]>>,
+    /// Made on the first client message.
+    publishing: Option<Box<Publishing>>,
+}
+
+/// The publish hook's calls: one at a time keeps the answers in order.
+struct Publishing {
     queue: VecDeque<Vec<u8>>,
     inflight: Option<CallRef>,
-    replies: Option<Replies>,
+    replies: Replies,
 }
 
 impl HttpHooks {
     /// Starts the next queued publish call, if none is running.
     fn next(&mut self) {
-        if self.inflight.is_some() {
-            return;
-        }
-        let (Some(target), Some(replies)) = (&self.publish, &self.replies) else {
+        let (Some(target), Some(p)) = (&self.publish, self.publishing.as_mut()) else {
             return;
         };
-        while let Some(body) = self.queue.pop_front() {
-            let replies = replies.clone();
+        if p.inflight.is_some() {
+            return;
+        }
+        while let Some(body) = p.queue.pop_front() {
+            let replies = p.replies.clone();
             let done: http::Done = Box::new(move |status, out| {
                 let body = ((200..300).contains(&status) && !out.is_empty()).then(|| {
                     match String::from_utf8(out.to_vec()) {
@@ -81,7 +86,7 @@ impl HttpHooks {
             if let Some(c) =
                 http::call(&self.origin, PUBLISH, target, &self.args, Some(body), Some(done))
             {
-                self.inflight = Some(c);
+                p.inflight = Some(c);
                 return;
             }
         }
@@ -91,10 +96,9 @@ impl HttpHooks {
 /// What a subscriber keeps for its hooks.
 pub struct Hooks {
     lcf: &'static LocConf,
-    /// The channel ids as the client named them (`$1`).
-    ids: Vec<String>,
-    /// The extra values of on_subscribe, on_unsubscribe and on_publish.
-    values: [Vec<Option<String>>; 3],
+    /// The extra values (`$3`...) of on_subscribe, on_unsubscribe and on_publish, one
+    /// after the other.
+    values: Box<[Option<Box<str>>]>,
     /// on_publish calls whose rows have not come back.
     pending: Vec<u64>,
     http: Option<Box<HttpHooks>>,
@@ -106,31 +110,32 @@ pub enum Message<'a> {
     Binary(&'a [u8]),
 }
 
-/// A subscriber is admitted to these channels: runs the subscribe hooks and keeps what the
-/// others need. `None` when the location has no hook.
+fn count(h: &Option<Rc<SqlHook>>) -> usize {
+    h.as_ref().map_or(0, |h| h.values.len())
+}
+
+/// A subscriber is admitted to these channels (`ids`, as the client named them): runs the
+/// subscribe hooks and keeps what the others need. `None` when the location has no hook.
 pub fn admit(
     r: &mut ngx_http_request_t,
     lcf: &'static LocConf,
-    ids: Vec<String>,
+    ids: &[&str],
 ) -> Option<Box<Hooks>> {
     if ids.is_empty() || !lcf.has_hooks() {
         return None;
     }
-    let mut eval = |h: &Option<Rc<SqlHook>>| -> Vec<Option<String>> {
-        let Some(h) = h else { return Vec::new() };
-        h.values
-            .iter()
-            .map(|&cv| req::complex_value(r, cv).map(|v| String::from_utf8_lossy(&v).into_owned()))
-            .collect()
-    };
-    let values = [
-        eval(&lcf.postgres_on_subscribe),
-        eval(&lcf.postgres_on_unsubscribe),
-        eval(&lcf.postgres_on_publish),
-    ];
+    let values =
+        [&lcf.postgres_on_subscribe, &lcf.postgres_on_unsubscribe, &lcf.postgres_on_publish]
+            .into_iter()
+            .flatten()
+            .flat_map(|h| h.values.iter())
+            .map(|&cv| {
+                req::complex_value(r, cv).map(|v| String::from_utf8_lossy(&v).into_owned().into())
+            })
+            .collect();
     let http = admit_http(r, lcf);
-    let hooks = Box::new(Hooks { lcf, ids, values, pending: Vec::new(), http });
-    hooks.run(ON_SUBSCRIBE, &lcf.postgres_on_subscribe, &hooks.values[0], None, None);
+    let hooks = Box::new(Hooks { lcf, values, pending: Vec::new(), http });
+    hooks.run(ON_SUBSCRIBE, ids, None, None);
     Some(hooks)
 }
 
@@ -146,30 +151,28 @@ fn admit_http(r: &mut ngx_http_request_t, lcf: &LocConf) -> Option<Box<HttpHooks
     }
     // SAFETY: r is the subscriber's live main request
     let origin = unsafe { Origin::of(r) };
-    let args = r.args.as_bytes().to_vec();
+    let args: Box<[u8]> = r.args.as_bytes().into();
     if let Some(target) = req::complex_value(r, sub) {
         http::call(&origin, SUBSCRIBED, &target, &args, None, None);
     }
     Some(Box::new(HttpHooks {
         origin,
         args,
-        unsubscribed: req::complex_value(r, unsub),
-        publish: req::complex_value(r, publish),
-        queue: VecDeque::new(),
-        inflight: None,
-        replies: None,
+        unsubscribed: req::complex_value(r, unsub).map(Vec::into_boxed_slice),
+        publish: req::complex_value(r, publish).map(Vec::into_boxed_slice),
+        publishing: None,
     }))
 }
 
 /// The subscriber left (for whatever reason): runs the unsubscribe hooks.
-pub fn left(mut hooks: Hooks) {
+pub fn left(mut hooks: Hooks, ids: &[&str]) {
     let pending = std::mem::take(&mut hooks.pending);
     if !pending.is_empty() {
         worker::with(|w| pending.into_iter().for_each(|id| drop(w.take_hook(id))));
     }
-    hooks.run(ON_UNSUBSCRIBE, &hooks.lcf.postgres_on_unsubscribe, &hooks.values[1], None, None);
+    hooks.run(ON_UNSUBSCRIBE, ids, None, None);
     if let Some(h) = hooks.http.take() {
-        if let Some(c) = h.inflight {
+        if let Some(c) = h.publishing.and_then(|p| p.inflight) {
             c.detach();
         }
         if let Some(target) = &h.unsubscribed {
@@ -180,26 +183,30 @@ pub fn left(mut hooks: Hooks) {
 
 /// The client sent a message: runs the publish hooks. `replies` gets what each call sends
 /// back; the caller then tells [`Hooks::answered`].
-pub fn client_message(hooks: &mut Hooks, message: &Message<'_>, replies: Replies) {
-    if let Some(h) = hooks.http.as_mut() {
-        if h.publish.is_some() {
-            if h.queue.len() >= MAX_QUEUED {
-                ngx::ngx_log_error!(
-                    nginx_sys::NGX_LOG_WARN,
-                    h.origin.log(),
-                    "pgpush: {} skipped: {} messages of this client already wait for it",
-                    PUBLISH,
-                    MAX_QUEUED
-                );
-            } else {
-                let body = match message {
-                    Message::Text(t) => t.as_bytes().to_vec(),
-                    Message::Binary(b) => b.to_vec(),
-                };
-                h.queue.push_back(body);
-                h.replies = Some(replies.clone());
-                h.next();
-            }
+pub fn client_message(hooks: &mut Hooks, ids: &[&str], message: &Message<'_>, replies: Replies) {
+    if let Some(h) = hooks.http.as_mut().filter(|h| h.publish.is_some()) {
+        let p = h.publishing.get_or_insert_with(|| {
+            Box::new(Publishing {
+                queue: VecDeque::new(),
+                inflight: None,
+                replies: replies.clone(),
+            })
+        });
+        if p.queue.len() >= MAX_QUEUED {
+            ngx::ngx_log_error!(
+                nginx_sys::NGX_LOG_WARN,
+                h.origin.log(),
+                "pgpush: {} skipped: {} messages of this client already wait for it",
+                PUBLISH,
+                MAX_QUEUED
+            );
+        } else {
+            let body = match message {
+                Message::Text(t) => t.as_bytes().to_vec(),
+                Message::Binary(b) => b.to_vec(),
+            };
+            p.queue.push_back(body);
+            h.next();
         }
     }
     if hooks.lcf.postgres_on_publish.is_none() {
@@ -217,14 +224,12 @@ pub fn client_message(hooks: &mut Hooks, message: &Message<'_>, replies: Replies
             s
         }
     };
-    let lcf = hooks.lcf;
     let make = || -> HookReply {
         let replies = replies.clone();
         Box::new(move |id, rows| replies(Answer::Sql { id, rows }))
     };
-    let ids =
-        hooks.run(ON_PUBLISH, &lcf.postgres_on_publish, &hooks.values[2], Some(text), Some(&make));
-    hooks.pending.extend(ids);
+    let calls = hooks.run(ON_PUBLISH, ids, Some(text), Some(&make));
+    hooks.pending.extend(calls);
 }
 
 impl Hooks {
@@ -232,27 +237,34 @@ impl Hooks {
     fn run(
         &self,
         name: &'static str,
-        hook: &Option<Rc<SqlHook>>,
-        values: &[Option<String>],
+        ids: &[&str],
         message: Option<String>,
         reply: Option<&dyn Fn() -> HookReply>,
     ) -> Vec<u64> {
+        let lcf = self.lcf;
+        let (n_sub, n_unsub) =
+            (count(&lcf.postgres_on_subscribe), count(&lcf.postgres_on_unsubscribe));
+        let (hook, values) = match name {
+            ON_SUBSCRIBE => (&lcf.postgres_on_subscribe, &self.values[..n_sub]),
+            ON_UNSUBSCRIBE => (&lcf.postgres_on_unsubscribe, &self.values[n_sub..n_sub + n_unsub]),
+            _ => (&lcf.postgres_on_publish, &self.values[n_sub + n_unsub..]),
+        };
         let Some(hook) = hook else { return Vec::new() };
         worker::with(|w| {
-            let mut ids = Vec::new();
-            for id in &self.ids {
+            let mut calls = Vec::new();
+            for id in ids {
                 let mut params = Vec::with_capacity(2 + values.len());
-                params.push(Some(id.clone()));
+                params.push(Some((*id).to_string()));
                 params.push(message.clone());
-                params.extend(values.iter().cloned());
+                params.extend(values.iter().map(|v| v.as_deref().map(str::to_string)));
                 let done = reply.map(|make| make());
                 let wants = done.is_some();
                 let n = w.hook(name, hook.sql.clone(), params, done);
                 if wants {
-                    ids.push(n);
+                    calls.push(n);
                 }
             }
-            ids
+            calls
         })
         .unwrap_or_default()
     }
@@ -263,7 +275,9 @@ impl Hooks {
             Answer::Sql { id, .. } => self.pending.retain(|p| p != id),
             Answer::Http(_) => {
                 if let Some(h) = self.http.as_mut() {
-                    h.inflight = None;
+                    if let Some(p) = h.publishing.as_mut() {
+                        p.inflight = None;
+                    }
                     h.next();
                 }
             }
