@@ -2,9 +2,12 @@
 //! machine (pgpush or nchan), reporting deliveries, latency and the server's memory and CPU.
 //!
 //! The phases: connect N subscribers over C channels (bounded concurrency), settle, sample
-//! the nginx workers' memory, publish M messages at R msg/s (pg_notify or HTTP POST),
-//! drain, sample CPU, report. Every phase is bounded by --deadline.
+//! the nginx workers' memory, publish M messages at R msg/s (pg_notify, HTTP POST or
+//! WebSocket text frames), drain, sample CPU, report. With --churn instead of messages:
+//! keep replacing subscribers (leave, then a new handshake) for a while, then sample
+//! memory again. Every phase is bounded by --deadline.
 
+mod churn;
 mod procfs;
 mod publish;
 mod subscribe;
@@ -18,11 +21,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use tokio::sync::{mpsc, watch, Mutex, Semaphore};
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot, watch, Mutex, Semaphore};
 
+use crate::churn::{Churn, ChurnStats, Slot};
 use crate::procfs::{Group, Sample};
-use crate::publish::{Plan, PubStats};
-use crate::subscribe::{Outcome, Shared, Subscriber};
+use crate::publish::{Plan, PubStats, WsRoute};
+use crate::subscribe::{LeaveMode, Outcome, Shared, Subscriber};
 use crate::util::{channel_name, now_ns, parse_duration};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -31,6 +36,10 @@ enum PublishVia {
     Pg,
     /// HTTP POST with the message as the body (--pub-url).
     Http,
+    /// WebSocket text frames to --pub-url (ws://); --publishers connections, connection j
+    /// on channel j % channels, so at least one per channel. What the server sends them
+    /// is read and dropped.
+    Ws,
 }
 
 impl PublishVia {
@@ -38,6 +47,7 @@ impl PublishVia {
         match self {
             PublishVia::Pg => "pg",
             PublishVia::Http => "http",
+            PublishVia::Ws => "ws",
         }
     }
 }
@@ -73,11 +83,13 @@ struct Args {
     /// libpq connection string for --publish pg.
     #[arg(long)]
     pg: Option<String>,
-    /// Publisher URL for --publish http; {channel} is replaced by the channel name.
+    /// Publisher URL for --publish http (http://) or ws (ws://); {channel} is replaced by
+    /// the channel name.
     #[arg(long, default_value = "http://127.0.0.1:8080/pub?id={channel}")]
     pub_url: String,
-    /// Concurrent publisher connections (PostgreSQL or HTTP keep-alive), each with one
-    /// statement or request in flight.
+    /// Concurrent publisher connections: PostgreSQL or HTTP keep-alive, each with one
+    /// statement or request in flight; for ws, WebSocket connections that send without
+    /// waiting for an answer (at least --channels of them).
     #[arg(long, default_value_t = 4)]
     publishers: usize,
     /// Most messages per pg_notify statement (one transaction) when they queue up.
@@ -98,6 +110,17 @@ struct Args {
     /// Hard limit for the whole run.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     deadline: Duration,
+    /// Subscriber churn for this long once every subscriber is connected and settled
+    /// (needs -m 0; 0: none): --churn-concurrency loops each make one subscriber leave,
+    /// open a new one on its channel until the handshake completes, and start over.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    churn: Duration,
+    /// Churn loops running at once.
+    #[arg(long, default_value_t = 10)]
+    churn_concurrency: usize,
+    /// How a churned subscriber leaves.
+    #[arg(long, value_enum, default_value = "close")]
+    churn_leave: LeaveMode,
     /// PID of the nginx master: its children's (the workers') memory and CPU are reported.
     #[arg(long)]
     nginx_pid: Option<u32>,
@@ -122,9 +145,11 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let nofile = procfs::raise_nofile_limit();
-    if (args.subscribers as u64) + 64 > nofile {
+    let sockets = fds_needed(&args);
+    if sockets > nofile {
         eprintln!(
-            "pgpush-loadgen: warning: the open files limit ({nofile}) is below {} subscribers",
+            "pgpush-loadgen: warning: the open files limit ({nofile}) is below the {sockets} \
+             this run needs ({} subscribers and the publishers)",
             args.subscribers
         );
     }
@@ -151,6 +176,10 @@ fn main() -> ExitCode {
     code
 }
 
+/// How long the WebSocket publishers keep reading after the drain, for the frames the
+/// server still owes them.
+const WS_REPLY_GRACE: Duration = Duration::from_secs(2);
+
 fn check(args: &Args) -> Result<(), String> {
     if args.publishers == 0 {
         return Err("--publishers must be at least 1".into());
@@ -164,6 +193,14 @@ fn check(args: &Args) -> Result<(), String> {
     if !(args.rate >= 0.0 && args.rate.is_finite()) {
         return Err("--rate must be 0 or a positive number".into());
     }
+    if !args.churn.is_zero() {
+        if args.messages > 0 {
+            return Err("--churn runs instead of publishing: use it with -m 0".into());
+        }
+        if args.churn_concurrency == 0 {
+            return Err("--churn-concurrency must be at least 1".into());
+        }
+    }
     util::parse_url(&args.url)?;
     if args.messages > 0 {
         match args.publish {
@@ -173,6 +210,16 @@ fn check(args: &Args) -> Result<(), String> {
             PublishVia::Http => {
                 util::parse_url(&args.pub_url)?;
             }
+            PublishVia::Ws => {
+                if !args.pub_url.starts_with("ws://") {
+                    return Err(format!(
+                        "--publish ws needs a ws:// --pub-url, not {}",
+                        args.pub_url
+                    ));
+                }
+                util::parse_url(&args.pub_url)?;
+                WsRoute::new(args.publishers, args.channels)?;
+            }
         }
     }
     for pid in [args.nginx_pid, args.pg_pid].into_iter().flatten() {
@@ -181,6 +228,14 @@ fn check(args: &Args) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// File descriptors the run holds at most: subscribers, publisher connections, the churn
+/// loops' extra connection each, and some to spare.
+fn fds_needed(args: &Args) -> u64 {
+    let publishers = if args.messages > 0 { args.publishers } else { 0 };
+    let churn = if args.churn.is_zero() { 0 } else { args.churn_concurrency };
+    (args.subscribers + publishers + churn) as u64 + 64
 }
 
 fn progress(args: &Args, msg: &str) {
@@ -240,26 +295,53 @@ async fn run(args: Args) -> ExitCode {
         }
     }
 
+    let mut ws_pubs = Vec::new();
+    if args.messages > 0 && args.publish == PublishVia::Ws {
+        for j in 0..args.publishers {
+            let channel = WsRoute::channel_of_connection(j, args.channels);
+            let url =
+                args.pub_url.replace("{channel}", &channel_name(&args.channel_prefix, channel));
+            match subscribe::connect(&url, args.connect_timeout).await {
+                Ok(ws) => ws_pubs.push(ws),
+                Err(e) => {
+                    eprintln!("pgpush-loadgen: WebSocket publisher {url}: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    }
+
     let mem_before = sample(nginx);
 
     // Connect.
     let shared = Arc::new(Shared::new(args.channels));
     let limit = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let churning = !args.churn.is_zero();
     let connect_start = Instant::now();
-    let mut subs = Vec::with_capacity(args.subscribers);
+    let mut subs: Vec<Slot> = Vec::with_capacity(args.subscribers);
     for i in 0..args.subscribers {
         let channel = i % args.channels;
+        let url = args.url.replace("{channel}", &channel_name(&args.channel_prefix, channel));
+        let (leave_tx, leave_rx) = if churning {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         let sub = Subscriber {
-            url: args.url.replace("{channel}", &channel_name(&args.channel_prefix, channel)),
+            url: url.clone(),
             channel,
             limit: limit.clone(),
             connect_timeout: args.connect_timeout,
             shared: shared.clone(),
             stop: stop_rx.clone(),
             since_ns: run_start_ns,
+            leave: leave_rx,
+            leave_mode: args.churn_leave,
         };
-        subs.push(tokio::spawn(sub.run()));
+        let handle = Some(tokio::spawn(sub.run()));
+        subs.push(Slot { channel, url, handle, leave: leave_tx });
     }
     let n = args.subscribers as u64;
     let mut last_note = Instant::now();
@@ -294,10 +376,65 @@ async fn run(args: Args) -> ExitCode {
     }
     let mem_idle = sample(nginx);
 
-    // Publish and drain.
-    let stats = Arc::new(PubStats::default());
+    // Churn.
     let mut cpu_before = (Sample::default(), Sample::default(), 0u64);
     let mut cpu_after = cpu_before;
+    let mut churned = None;
+    let mut churn_outcomes = Vec::new();
+    if churning && connected > 0 && !timed_out {
+        cpu_before = (sample(nginx), sample(postgres), procfs::self_cpu_us());
+        let k = args.churn_concurrency.clamp(1, subs.len().max(1));
+        progress(
+            &args,
+            &format!(
+                "churning for {:?}: {k} loops, each a leave ({}) and a new subscriber",
+                args.churn,
+                args.churn_leave.name()
+            ),
+        );
+        let ctx = Arc::new(Churn {
+            leave_mode: args.churn_leave,
+            connect_timeout: args.connect_timeout,
+            shared: shared.clone(),
+            stop: stop_rx.clone(),
+            since_ns: run_start_ns,
+            limit: limit.clone(),
+        });
+        let churn_start = Instant::now();
+        let end = (churn_start + args.churn).min(deadline);
+        let loops: Vec<_> = churn::deal(std::mem::take(&mut subs), k)
+            .into_iter()
+            .map(|hand| tokio::spawn(ctx.clone().run_loop(hand, end)))
+            .collect();
+        let mut stats = ChurnStats::default();
+        for l in loops {
+            if let Ok((slots, s)) = l.await {
+                subs.extend(slots);
+                stats.merge(s);
+            }
+        }
+        let secs = churn_start.elapsed().as_secs_f64();
+        cpu_after = (sample(nginx), sample(postgres), procfs::self_cpu_us());
+        churn_outcomes = std::mem::take(&mut stats.outcomes);
+        progress(
+            &args,
+            &format!(
+                "{} subscribers replaced in {secs:.2} s ({} connects and {} leaves failed)",
+                stats.connects, stats.connect_failed, stats.leave_failed
+            ),
+        );
+        if Instant::now() >= deadline {
+            timed_out = true;
+        } else {
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::sleep(args.settle.min(left)).await;
+        }
+        churned = Some(Churned { stats, secs, mem_after: sample(nginx) });
+    }
+
+    // Publish and drain.
+    let stats = Arc::new(PubStats::default());
+    let mut pub_readers = Vec::new();
     let mut publish_secs = 0.0;
     if args.messages > 0 && connected > 0 && !timed_out {
         cpu_before = (sample(nginx), sample(postgres), procfs::self_cpu_us());
@@ -338,6 +475,33 @@ async fn run(args: Args) -> ExitCode {
                     )));
                 }
             }
+            PublishVia::Ws => {
+                let route = WsRoute::new(ws_pubs.len(), args.channels).expect("checked in check()");
+                let mut senders = Vec::with_capacity(ws_pubs.len());
+                for ws in ws_pubs.drain(..) {
+                    let (sink, stream) = ws.split();
+                    let (tx, rx) = mpsc::channel(256);
+                    senders.push(tx);
+                    tasks.push(tokio::spawn(publish::ws_writer(
+                        sink,
+                        rx,
+                        plan.clone(),
+                        stats.clone(),
+                    )));
+                    pub_readers.push(tokio::spawn(publish::ws_reader(
+                        stream,
+                        stop_rx.clone(),
+                        stats.clone(),
+                    )));
+                }
+                tasks.push(tokio::spawn(publish::ws_router(
+                    queue.clone(),
+                    route,
+                    plan.clone(),
+                    senders,
+                    stats.clone(),
+                )));
+            }
         }
         if !publish::join_all(tasks, deadline).await {
             timed_out = true;
@@ -364,18 +528,37 @@ async fn run(args: Args) -> ExitCode {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         cpu_after = (sample(nginx), sample(postgres), procfs::self_cpu_us());
+        if args.publish == PublishVia::Ws {
+            // What the server sends the WebSocket publishers (one frame per message, from
+            // either server) may trail the last delivery: wait a little for it, so that
+            // the count is whole, outside the CPU window.
+            let until = (Instant::now() + WS_REPLY_GRACE).min(deadline);
+            while stats.replies.load(Ordering::Relaxed) < sent && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
     }
 
     // Stop the subscribers and collect what they saw.
     let _ = stop_tx.send(true);
-    let mut outcomes: Vec<Outcome> = Vec::with_capacity(subs.len());
+    let mut outcomes: Vec<Outcome> = Vec::with_capacity(subs.len() + churn_outcomes.len());
+    outcomes.append(&mut churn_outcomes);
     let collect_until = Instant::now() + Duration::from_secs(10);
-    for h in subs {
+    for h in subs.into_iter().filter_map(|s| s.handle) {
         let left = collect_until.saturating_duration_since(Instant::now());
         let abort = h.abort_handle();
         match tokio::time::timeout(left, h).await {
             Ok(Ok(o)) => outcomes.push(o),
             _ => abort.abort(),
+        }
+    }
+    for h in pub_readers {
+        let left = collect_until.saturating_duration_since(Instant::now());
+        let abort = h.abort_handle();
+        match tokio::time::timeout(left, h).await {
+            Ok(Ok(Some(e))) => outcomes.push(Outcome { error: Some(e), ..Outcome::default() }),
+            Ok(_) => {}
+            Err(_) => abort.abort(),
         }
     }
 
@@ -391,6 +574,7 @@ async fn run(args: Args) -> ExitCode {
             mem_idle,
             cpu_before,
             cpu_after,
+            churned,
             timed_out,
         },
     );
@@ -407,10 +591,25 @@ struct Phases {
     publish_secs: f64,
     mem_before: Sample,
     mem_idle: Sample,
-    /// (nginx workers, postgres, this process in µs) before and after publishing.
+    /// (nginx workers, postgres, this process in µs) before and after publishing or
+    /// churning.
     cpu_before: (Sample, Sample, u64),
     cpu_after: (Sample, Sample, u64),
+    churned: Option<Churned>,
     timed_out: bool,
+}
+
+/// What the churn phase did.
+struct Churned {
+    stats: ChurnStats,
+    secs: f64,
+    /// The nginx workers after the churn and --settle.
+    mem_after: Sample,
+}
+
+/// `after - before` in KiB, negative when memory went down.
+fn growth_kb(before: u64, after: u64) -> i64 {
+    after as i64 - before as i64
 }
 
 /// The figures, in the order they are printed on the RESULT line.
@@ -472,7 +671,7 @@ impl Report {
         let f0 = |v: f64| format!("{v:.0}");
         let f2 = |v: f64| format!("{v:.2}");
         let f3 = |v: f64| format!("{v:.3}");
-        let fields = vec![
+        let mut fields = vec![
             ("label", args.label.clone()),
             ("subscribers", args.subscribers.to_string()),
             ("channels", args.channels.to_string()),
@@ -514,8 +713,47 @@ impl Report {
             ("pg_cpu_ms", f0(pg_cpu_us as f64 / 1000.0)),
             ("pg_cpu_us_per_delivery", f3(per_delivery(pg_cpu_us))),
             ("loadgen_cpu_ms", f0(self_cpu_us as f64 / 1000.0)),
+            ("pub_replies", stats.replies.load(Ordering::Relaxed).to_string()),
             ("timed_out", u8::from(p.timed_out).to_string()),
         ];
+        if let Some(c) = &p.churned {
+            let s = &c.stats;
+            let mut hs = s.handshake_us.clone();
+            hs.sort_unstable();
+            let mut leave = s.leave_us.clone();
+            leave.sort_unstable();
+            let per_cycle =
+                |us: u64| if s.connects > 0 { us as f64 / s.connects as f64 } else { 0.0 };
+            fields.extend([
+                ("churn_s", f2(c.secs)),
+                ("churn_concurrency", args.churn_concurrency.to_string()),
+                ("churn_leave", args.churn_leave.name().to_string()),
+                ("churn_connects", s.connects.to_string()),
+                ("churn_leaves", s.leaves.to_string()),
+                ("churn_connect_failed", s.connect_failed.to_string()),
+                ("churn_leave_failed", s.leave_failed.to_string()),
+                ("churn_gone", s.gone.to_string()),
+                ("churn_connects_per_s", f0(rate(s.connects, c.secs))),
+                ("churn_leaves_per_s", f0(rate(s.leaves, c.secs))),
+                ("churn_hs_p50_us", percentile(&hs, 0.50).to_string()),
+                ("churn_hs_p99_us", percentile(&hs, 0.99).to_string()),
+                ("churn_hs_max_us", hs.last().copied().unwrap_or(0).to_string()),
+                ("churn_leave_p50_us", percentile(&leave, 0.50).to_string()),
+                ("churn_leave_p99_us", percentile(&leave, 0.99).to_string()),
+                ("nginx_cpu_us_per_cycle", f3(per_cycle(nginx_cpu_us))),
+                ("pg_cpu_us_per_cycle", f3(per_cycle(pg_cpu_us))),
+                ("rss_after_churn_kb", c.mem_after.rss_kb.to_string()),
+                ("pss_after_churn_kb", c.mem_after.pss_kb.to_string()),
+                (
+                    "churn_rss_growth_kb",
+                    growth_kb(p.mem_idle.rss_kb, c.mem_after.rss_kb).to_string(),
+                ),
+                (
+                    "churn_pss_growth_kb",
+                    growth_kb(p.mem_idle.pss_kb, c.mem_after.pss_kb).to_string(),
+                ),
+            ]);
+        }
         Report { fields, errors }
     }
 
@@ -553,18 +791,63 @@ impl Report {
                 g("pss_per_sub_b")
             );
         }
+        if !args.churn.is_zero() && !g("churn_s").is_empty() {
+            let _ = writeln!(
+                t,
+                "churn         {} replacements in {} s by {} loops, leaving by {}: {} connects/s, \
+                 {} leaves/s ({} connects and {} leaves failed, {} already gone)",
+                g("churn_connects"),
+                g("churn_s"),
+                g("churn_concurrency"),
+                g("churn_leave"),
+                g("churn_connects_per_s"),
+                g("churn_leaves_per_s"),
+                g("churn_connect_failed"),
+                g("churn_leave_failed"),
+                g("churn_gone")
+            );
+            let _ = writeln!(
+                t,
+                "handshake     p50 {}  p99 {}  max {}; leave p50 {}  p99 {}",
+                ms("churn_hs_p50_us"),
+                ms("churn_hs_p99_us"),
+                ms("churn_hs_max_us"),
+                ms("churn_leave_p50_us"),
+                ms("churn_leave_p99_us")
+            );
+            if args.nginx_pid.is_some() {
+                let _ = writeln!(
+                    t,
+                    "nginx CPU     {} ms = {} us per replacement; PSS {} after the churn \
+                     ({} KiB from idle)",
+                    g("nginx_cpu_ms"),
+                    g("nginx_cpu_us_per_cycle"),
+                    kb("pss_after_churn_kb"),
+                    g("churn_pss_growth_kb")
+                );
+            }
+            if args.pg_pid.is_some() {
+                let _ = writeln!(
+                    t,
+                    "postgres CPU  {} ms = {} us per replacement",
+                    g("pg_cpu_ms"),
+                    g("pg_cpu_us_per_cycle")
+                );
+            }
+        }
         if args.messages > 0 {
             let _ = writeln!(
                 t,
                 "published     {} of {} messages via {} in {} s ({} msg/s, {} statements, \
-                 {} errors)",
+                 {} errors, {} replies)",
                 g("sent"),
                 g("messages"),
                 g("publish"),
                 g("publish_s"),
                 g("publish_rate"),
                 g("statements"),
-                g("publish_errors")
+                g("publish_errors"),
+                g("pub_replies")
             );
             let _ = writeln!(
                 t,
@@ -666,5 +949,50 @@ mod tests {
         assert!(check(&a).is_ok());
         let a = Args::try_parse_from(["pgpush-loadgen", "--publish", "pg"]).unwrap();
         assert!(check(&a).is_err(), "--pg is required");
+    }
+
+    fn parse(extra: &[&str]) -> Args {
+        let mut argv = vec!["pgpush-loadgen"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn args_ws_publish() {
+        let ws = ["--publish", "ws", "--pub-url", "ws://127.0.0.1:9/wspub?id={channel}"];
+        let a = parse(&[&ws[..], &["-c", "4", "--publishers", "4"]].concat());
+        assert_eq!(a.publish, PublishVia::Ws);
+        assert!(check(&a).is_ok());
+        // Fewer connections than channels: some channel would have no publisher.
+        let a = parse(&[&ws[..], &["-c", "5", "--publishers", "4"]].concat());
+        assert!(check(&a).is_err());
+        // An http:// URL is not a WebSocket publisher.
+        let a = parse(&["--publish", "ws", "-c", "1"]);
+        assert!(check(&a).is_err());
+        let a = parse(&["--publish", "ws", "--pub-url", "ws://10.1.2.3/x", "-c", "1"]);
+        assert!(check(&a).is_err(), "loopback only");
+        // Not publishing: the publisher URL does not matter.
+        let a = parse(&["--publish", "ws", "-m", "0", "-c", "9"]);
+        assert!(check(&a).is_ok());
+    }
+
+    #[test]
+    fn args_churn() {
+        let a = parse(&["-n", "100", "-m", "0", "--churn", "3s", "--churn-concurrency", "4"]);
+        assert_eq!(a.churn, Duration::from_secs(3));
+        assert_eq!(a.churn_leave, LeaveMode::Close);
+        assert!(check(&a).is_ok());
+        assert_eq!(fds_needed(&a), 100 + 4 + 64);
+        let a = parse(&["-m", "0", "--churn", "1s", "--churn-leave", "drop"]);
+        assert_eq!(a.churn_leave, LeaveMode::Drop);
+        assert!(check(&parse(&["--churn", "1s", "--publish", "http"])).is_err(), "needs -m 0");
+        assert!(check(&parse(&["-m", "0", "--churn", "1s", "--churn-concurrency", "0"])).is_err());
+        assert!(parse(&[]).churn.is_zero());
+    }
+
+    #[test]
+    fn memory_growth_is_signed() {
+        assert_eq!(growth_kb(100, 150), 50);
+        assert_eq!(growth_kb(150, 100), -50);
     }
 }

@@ -1,5 +1,7 @@
-//! Publishers: pg_notify over tokio-postgres, or HTTP POST (nchan's publisher, pgpush's
-//! push_stream_publisher) over a small keep-alive HTTP/1.1 client.
+//! Publishers: pg_notify over tokio-postgres, HTTP POST (nchan's publisher, pgpush's
+//! push_stream_publisher) over a small keep-alive HTTP/1.1 client, or WebSocket clients
+//! that send text frames (pgpush's push_stream_websocket_allow_publish, nchan's
+//! WebSocket publisher).
 //!
 //! A pacing task hands out sequence numbers at the requested rate; publisher tasks take
 //! them and stamp each payload with the time just before it leaves.
@@ -8,10 +10,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, watch, Mutex};
+use tokio_tungstenite::tungstenite::Message;
 
+use crate::subscribe::Ws;
 use crate::util::{channel_name, now_ns, Endpoint};
 
 /// Counters shared by the publisher tasks.
@@ -22,7 +28,11 @@ pub struct PubStats {
     /// Unix nanoseconds of the first and the last message sent (0: none yet).
     pub first_send_ns: AtomicU64,
     pub last_send_ns: AtomicU64,
+    /// Statements, requests or WebSocket frames sent.
     pub statements: AtomicU64,
+    /// Frames the server sent to the WebSocket publishers (pgpush: the sender's own
+    /// messages back; nchan: the channel info answering each message), read and dropped.
+    pub replies: AtomicU64,
 }
 
 impl PubStats {
@@ -88,8 +98,12 @@ pub struct Plan {
 }
 
 impl Plan {
+    fn channel_index(&self, seq: u64) -> usize {
+        (seq % self.channels as u64) as usize
+    }
+
     fn channel_of(&self, seq: u64) -> String {
-        channel_name(&self.prefix, (seq % self.channels as u64) as usize)
+        channel_name(&self.prefix, self.channel_index(seq))
     }
 }
 
@@ -299,6 +313,118 @@ pub async fn http_publisher(
     }
 }
 
+/// Which WebSocket publisher connection sends each message. A connection publishes to
+/// the channel of its URL only, so connection `j` is opened on channel `j % channels`
+/// (every channel needs one: `connections >= channels`), and a channel's messages go
+/// round-robin over its connections.
+#[derive(Debug)]
+pub struct WsRoute {
+    by_channel: Vec<Vec<usize>>,
+    next: Vec<usize>,
+}
+
+impl WsRoute {
+    pub fn new(connections: usize, channels: usize) -> Result<Self, String> {
+        if channels == 0 || connections < channels {
+            return Err(format!(
+                "--publish ws opens one connection per channel at least: --publishers \
+                 ({connections}) must be at least --channels ({channels})"
+            ));
+        }
+        let mut by_channel = vec![Vec::new(); channels];
+        for j in 0..connections {
+            by_channel[Self::channel_of_connection(j, channels)].push(j);
+        }
+        Ok(WsRoute { by_channel, next: vec![0; channels] })
+    }
+
+    pub fn channel_of_connection(j: usize, channels: usize) -> usize {
+        j % channels
+    }
+
+    /// The connection that sends the next message of `channel`.
+    pub fn pick(&mut self, channel: usize) -> usize {
+        let conns = &self.by_channel[channel];
+        let j = conns[self.next[channel] % conns.len()];
+        self.next[channel] = (self.next[channel] + 1) % conns.len();
+        j
+    }
+}
+
+/// Hands each sequence number to the WebSocket publisher connection of its channel (in
+/// order: a connection sends its messages in the order they were paced).
+pub async fn ws_router(
+    queue: Queue,
+    mut route: WsRoute,
+    plan: Arc<Plan>,
+    senders: Vec<mpsc::Sender<u64>>,
+    stats: Arc<PubStats>,
+) {
+    loop {
+        let seqs = take(&queue, 1).await;
+        let Some(&seq) = seqs.first() else { return };
+        let j = route.pick(plan.channel_index(seq));
+        if senders[j].send(seq).await.is_err() {
+            // That connection's writer ended (its connection failed): not sent.
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The sending half of one WebSocket publisher: each message as one text frame, stamped
+/// just before it is written.
+pub async fn ws_writer(
+    mut sink: SplitSink<Ws, Message>,
+    mut rx: mpsc::Receiver<u64>,
+    plan: Arc<Plan>,
+    stats: Arc<PubStats>,
+) {
+    while let Some(seq) = rx.recv().await {
+        let t = now_ns();
+        let body = payload(seq, t, plan.size);
+        stats.statements.fetch_add(1, Ordering::Relaxed);
+        match sink.send(Message::text(body)).await {
+            Ok(()) => stats.mark_sent(1, t),
+            Err(e) => {
+                if stats.errors.fetch_add(1, Ordering::Relaxed) < 5 {
+                    eprintln!("loadgen: WebSocket publisher: send: {e}");
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// The receiving half of one WebSocket publisher: reads and drops whatever the server
+/// sends (answering pings, which tungstenite does while it reads) until told to stop.
+/// Returns how the connection ended if it ended first.
+pub async fn ws_reader(
+    mut stream: SplitStream<Ws>,
+    mut stop: watch::Receiver<bool>,
+    stats: Arc<PubStats>,
+) -> Option<String> {
+    let stopped = stop.changed();
+    tokio::pin!(stopped);
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = &mut stopped => return None,
+            f = stream.next() => f,
+        };
+        match frame {
+            Some(Ok(Message::Text(_) | Message::Binary(_))) => {
+                stats.replies.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Ok(Message::Close(c))) => {
+                return Some(format!("publisher closed by the server: {c:?}"));
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Some(format!("publisher read: {e}")),
+            None => return Some("publisher connection closed".into()),
+        }
+    }
+}
+
 /// Waits for every publisher task, at most until `deadline`; returns false on timeout.
 pub async fn join_all(tasks: Vec<tokio::task::JoinHandle<()>>, deadline: Instant) -> bool {
     for t in tasks {
@@ -326,5 +452,33 @@ mod tests {
         assert_eq!(crate::util::parse_t(p.as_bytes()), Some(123));
         // Too small to pad: left as is.
         assert_eq!(payload(7, 123, 20), r#"{"seq":7,"t":123}"#);
+    }
+
+    #[test]
+    fn ws_route_one_connection_per_channel() {
+        let mut r = WsRoute::new(3, 3).unwrap();
+        assert_eq!((r.pick(0), r.pick(1), r.pick(2), r.pick(0)), (0, 1, 2, 0));
+        assert!(WsRoute::new(2, 3).is_err(), "a channel without a connection");
+        assert!(WsRoute::new(1, 0).is_err());
+    }
+
+    #[test]
+    fn ws_route_round_robin_within_a_channel() {
+        // 5 connections over 2 channels: channel 0 has 0, 2, 4; channel 1 has 1, 3.
+        let mut r = WsRoute::new(5, 2).unwrap();
+        let zero: Vec<usize> = (0..4).map(|_| r.pick(0)).collect();
+        assert_eq!(zero, [0, 2, 4, 0]);
+        let one: Vec<usize> = (0..3).map(|_| r.pick(1)).collect();
+        assert_eq!(one, [1, 3, 1]);
+        for j in 0..5 {
+            assert_eq!(WsRoute::channel_of_connection(j, 2), j % 2);
+        }
+    }
+
+    #[test]
+    fn plan_channels_round_robin() {
+        let plan = Plan { channels: 3, prefix: "b".into(), size: 0 };
+        assert_eq!(plan.channel_index(4), 1);
+        assert_eq!(plan.channel_of(5), "b2");
     }
 }

@@ -1,16 +1,60 @@
 //! WebSocket subscribers: connect under a concurrency limit, then read frames and record
-//! each message's end-to-end latency until told to stop.
+//! each message's end-to-end latency until told to stop, or, in the churn phase, to
+//! leave (a close handshake, or the TCP connection dropped).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::ValueEnum;
 use futures_util::StreamExt;
-use tokio::sync::{watch, Semaphore};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, watch, Semaphore};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::util::{now_ns, parse_t};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How long a leaving subscriber waits for the server's close frame and end of stream.
+pub const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How a subscriber leaves when the churn phase tells it to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LeaveMode {
+    /// Send a close frame (1000) and wait for the server's close frame and the end of the
+    /// connection (at most 5 s).
+    Close,
+    /// Drop the TCP connection without a close frame.
+    Drop,
+}
+
+impl LeaveMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            LeaveMode::Close => "close",
+            LeaveMode::Drop => "drop",
+        }
+    }
+}
+
+/// Opens a WebSocket connection (TCP connect and handshake up to the 101), bounded by
+/// `timeout`.
+pub async fn connect(url: &str, timeout: Duration) -> Result<Ws, String> {
+    let config = WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(0)
+        .max_message_size(Some(1 << 20));
+    let connect = tokio_tungstenite::connect_async_with_config(url, Some(config), true);
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok((ws, _response))) => Ok(ws),
+        Ok(Err(e)) => Err(format!("connect: {e}")),
+        Err(_) => Err("connect: timed out".into()),
+    }
+}
 
 /// Counters that the main task watches while the subscribers run.
 pub struct Shared {
@@ -51,6 +95,8 @@ pub struct Outcome {
     /// Latencies in microseconds.
     pub latencies: Vec<u32>,
     pub error: Option<String>,
+    /// Left because the churn phase told it to (`error` says whether the close went wrong).
+    pub left: bool,
 }
 
 pub struct Subscriber {
@@ -62,56 +108,71 @@ pub struct Subscriber {
     pub stop: watch::Receiver<bool>,
     /// Messages stamped before this (Unix ns) are stale: not this run's.
     pub since_ns: u64,
+    /// Fired by the churn phase: leave the way `leave_mode` says and return. A dropped
+    /// sender does not count.
+    pub leave: Option<oneshot::Receiver<()>>,
+    pub leave_mode: LeaveMode,
 }
 
 impl Subscriber {
+    /// Connects (under the concurrency limit) and then serves: the initial subscribers.
     pub async fn run(mut self) -> Outcome {
         let mut out = Outcome::default();
-        let config = WebSocketConfig::default()
-            .read_buffer_size(1024)
-            .write_buffer_size(0)
-            .max_message_size(Some(1 << 20));
         let shared = self.shared.clone();
-        let mut ws = {
+        let ws = {
             let permit = tokio::select! {
                 p = self.limit.acquire() => p,
                 _ = self.stop.changed() => return out,
             };
-            let connect = tokio::time::timeout(
-                self.connect_timeout,
-                tokio_tungstenite::connect_async_with_config(self.url.as_str(), Some(config), true),
-            );
             let res = tokio::select! {
-                r = connect => r,
+                r = connect(&self.url, self.connect_timeout) => r,
                 _ = self.stop.changed() => return out,
             };
             drop(permit);
             match res {
-                Ok(Ok((ws, _response))) => ws,
-                Ok(Err(e)) => {
+                Ok(ws) => ws,
+                Err(e) => {
                     shared.failed.fetch_add(1, Ordering::Relaxed);
-                    out.error = Some(format!("connect: {e}"));
-                    return out;
-                }
-                Err(_) => {
-                    shared.failed.fetch_add(1, Ordering::Relaxed);
-                    out.error = Some("connect: timed out".into());
+                    out.error = Some(e);
                     return out;
                 }
             }
         };
         shared.per_channel[self.channel].fetch_add(1, Ordering::Relaxed);
         shared.connected.fetch_add(1, Ordering::Relaxed);
+        self.serve(ws).await
+    }
 
+    /// Reads frames from an open connection until told to stop or to leave, or until the
+    /// connection ends.
+    pub async fn serve(mut self, mut ws: Ws) -> Outcome {
+        let mut out = Outcome::default();
+        let shared = self.shared.clone();
+        let leave = self.leave.take();
+        let left = async move {
+            let told = match leave {
+                Some(rx) => rx.await.is_ok(),
+                None => false,
+            };
+            if !told {
+                std::future::pending::<()>().await
+            }
+        };
+        tokio::pin!(left);
         // One stop future for the whole loop: making a new one per frame costs more than
         // the frame itself.
         let mut stop = self.stop.clone();
         let stopped = stop.changed();
         tokio::pin!(stopped);
+        let mut leaving = false;
         loop {
             let frame = tokio::select! {
                 biased;
                 _ = &mut stopped => break,
+                _ = &mut left => {
+                    leaving = true;
+                    break;
+                }
                 f = ws.next() => f,
             };
             match frame {
@@ -139,6 +200,9 @@ impl Subscriber {
                 }
             }
         }
+        if leaving {
+            return leave_now(ws, out, self.leave_mode).await;
+        }
         out
     }
 
@@ -162,4 +226,38 @@ impl Subscriber {
         self.shared.received.fetch_add(1, Ordering::Relaxed);
         self.shared.last_recv_ns.fetch_max(now, Ordering::Relaxed);
     }
+}
+
+/// Leaves as told: a close frame and the server's answer, or the TCP connection dropped.
+async fn leave_now(mut ws: Ws, mut out: Outcome, mode: LeaveMode) -> Outcome {
+    out.left = true;
+    if mode == LeaveMode::Drop {
+        drop(ws);
+        return out;
+    }
+    let handshake = async {
+        let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
+        ws.close(Some(frame)).await.map_err(|e| format!("leave: sending the close: {e}"))?;
+        let mut answered = false;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) => answered = true,
+                Some(Ok(_)) => {}
+                None | Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
+                    return if answered {
+                        Ok(())
+                    } else {
+                        Err("leave: connection ended without the server's close frame".into())
+                    };
+                }
+                Some(Err(e)) => return Err(format!("leave: {e}")),
+            }
+        }
+    };
+    match tokio::time::timeout(LEAVE_TIMEOUT, handshake).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => out.error = Some(e),
+        Err(_) => out.error = Some("leave: no close from the server within 5 s".into()),
+    }
+    out
 }
