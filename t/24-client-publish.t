@@ -159,7 +159,8 @@ $_->payload for @others[1 .. 3];
 my $a = PgPush::WS->connect('/readonly?id=a');
 my $b = PgPush::WS->connect('/readonly?id=b');
 my $ab = PgPush::WS->connect('/ws?id=a/b');
-ok($pg->wait_query(qr/LISTEN "b"/, 1), 'a/b listened');
+# (each 101 comes once the worker's LISTENs are confirmed)
+is(join(',', map { $_->{status} } $a, $b, $ab), '101,101,101', 'a, b and a/b subscribed');
 $ab->send_text('to both');
 is($a->payload, 'to both', 'published to a');
 is($b->payload, 'to both', 'published to b');

@@ -8,6 +8,7 @@
 //! on one channel used to be quadratic with a scanned `Vec`).
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use slab::Slab;
 
@@ -25,7 +26,8 @@ pub type Slot = usize;
 /// Subscribers by PostgreSQL channel name; `K` identifies a subscriber.
 #[derive(Debug)]
 pub struct Hub<K> {
-    channels: HashMap<String, Channel<K>>,
+    /// Keyed by a shared name: subscribers keep a clone instead of their own copy.
+    channels: HashMap<Rc<str>, Channel<K>>,
 }
 
 /// One channel with subscribers in this worker.
@@ -44,18 +46,20 @@ impl<K> Default for Hub<K> {
 }
 
 impl<K: Copy + PartialEq> Hub<K> {
-    /// Adds a subscriber to a channel. The caller keeps the slot to leave with, and joins
-    /// each channel once.
-    pub fn subscribe(&mut self, channel: &str, key: K) -> (Slot, ListenChange) {
-        match self.channels.get_mut(channel) {
-            Some(ch) => (ch.subs.insert(key), ListenChange::None),
-            None => {
-                let mut subs = Slab::new();
-                let slot = subs.insert(key);
-                self.channels.insert(channel.to_string(), Channel { subs, messages: 0 });
-                (slot, ListenChange::Listen(channel.to_string()))
-            }
+    /// Adds a subscriber to a channel: the channel's shared name and the slot to leave
+    /// with. The caller joins each channel once.
+    pub fn subscribe(&mut self, channel: &str, key: K) -> (Rc<str>, Slot, ListenChange) {
+        if let Some((name, _)) = self.channels.get_key_value(channel) {
+            let name = name.clone();
+            let ch = self.channels.get_mut(channel).expect("just found");
+            return (name, ch.subs.insert(key), ListenChange::None);
         }
+        let name: Rc<str> = Rc::from(channel);
+        // most channels have one subscriber per worker: no room for more until needed
+        let mut subs = Slab::with_capacity(1);
+        let slot = subs.insert(key);
+        self.channels.insert(name.clone(), Channel { subs, messages: 0 });
+        (name, slot, ListenChange::Listen(channel.to_string()))
     }
 
     /// Removes the subscriber in `slot`; a slot that does not hold `key` is ignored.
@@ -101,7 +105,7 @@ impl<K: Copy + PartialEq> Hub<K> {
 
     /// The channels this worker must be listening on.
     pub fn channels(&self) -> impl Iterator<Item = &str> {
-        self.channels.keys().map(String::as_str)
+        self.channels.keys().map(|k| &**k)
     }
 
     pub fn len(&self) -> usize {
@@ -120,9 +124,9 @@ mod tests {
     #[test]
     fn listen_on_first_unlisten_after_last() {
         let mut h = Hub::default();
-        let (s1, c) = h.subscribe("news", 1);
+        let (_, s1, c) = h.subscribe("news", 1);
         assert_eq!(c, ListenChange::Listen("news".into()));
-        let (s2, c) = h.subscribe("news", 2);
+        let (_, s2, c) = h.subscribe("news", 2);
         assert_eq!(c, ListenChange::None);
         assert_eq!(h.subscribers("news"), vec![1, 2]);
         assert_eq!(h.message("news"), Some((1, vec![1, 2])));
@@ -140,10 +144,10 @@ mod tests {
     #[test]
     fn a_reused_slot_is_not_left_by_its_former_owner() {
         let mut h = Hub::default();
-        let (s1, _) = h.subscribe("c", 1);
-        let (_s2, _) = h.subscribe("c", 2);
+        let (_, s1, _) = h.subscribe("c", 1);
+        let (_, _s2, _) = h.subscribe("c", 2);
         h.unsubscribe("c", s1, 1);
-        let (s3, _) = h.subscribe("c", 3);
+        let (_, s3, _) = h.subscribe("c", 3);
         assert_eq!(s3, s1, "the slab reuses the freed slot");
         assert_eq!(h.unsubscribe("c", s1, 1), ListenChange::None);
         let mut subs = h.subscribers("c");
@@ -154,7 +158,7 @@ mod tests {
     #[test]
     fn ten_thousand_leaves_on_one_channel() {
         let mut h = Hub::default();
-        let slots: Vec<(Slot, u32)> = (0..10_000).map(|k| (h.subscribe("big", k).0, k)).collect();
+        let slots: Vec<(Slot, u32)> = (0..10_000).map(|k| (h.subscribe("big", k).1, k)).collect();
         for (slot, k) in slots.iter().rev().step_by(2).chain(slots.iter().step_by(2)) {
             h.unsubscribe("big", *slot, *k);
         }
@@ -177,7 +181,7 @@ mod tests {
                 if live.iter().any(|(c, k, _)| *c == ch && *k == key) {
                     continue;
                 }
-                let (slot, change) = h.subscribe(&ch, key);
+                let (_, slot, change) = h.subscribe(&ch, key);
                 live.push((ch.clone(), key, slot));
                 change
             } else {

@@ -78,10 +78,11 @@ pub struct Encoding {
 /// What the lifecycle keeps inside each transport.
 #[derive(Default)]
 pub struct Subscription {
-    /// PostgreSQL channel names, with the slot held in each.
-    channels: Vec<(String, Slot)>,
+    /// PostgreSQL channel names (shared with the hub once joined), with the slot held in
+    /// each.
+    channels: Box<[(Rc<str>, Slot)]>,
     /// LISTENs still to be confirmed.
-    waiting: usize,
+    waiting: u32,
     /// Queued output not flushed yet.
     dirty: bool,
     /// The subscriber's hooks, when its location has some.
@@ -101,17 +102,18 @@ impl Subscription {
         let prefix = http::main_conf(r).channel_prefix().len();
         let ids: Vec<&str> = channels.iter().map(|c| id_of(c, prefix)).collect();
         let hooks = hooks::admit(r, lcf, &ids);
-        Self { channels: channels.into_iter().map(|c| (c, 0)).collect(), hooks, ..Self::default() }
+        let channels = channels.into_iter().map(|c| (Rc::from(c), 0)).collect();
+        Self { channels, hooks, ..Self::default() }
     }
 
     /// The PostgreSQL channels subscribed to.
     pub fn channels(&self) -> impl Iterator<Item = &str> {
-        self.channels.iter().map(|(c, _)| c.as_str())
+        self.channels.iter().map(|(c, _)| &**c)
     }
 
     /// LISTENs still to be confirmed.
     pub fn waiting(&self) -> usize {
-        self.waiting
+        self.waiting as usize
     }
 }
 
@@ -186,8 +188,9 @@ pub fn join(key: SubKey) -> usize {
     let mut listen = Vec::new();
     let waiting = with(|reg| {
         let mut waiting = 0;
-        for (channel, slot) in &mut sub.channels {
-            let (s, change) = reg.hub.subscribe(channel, key);
+        for (channel, slot) in sub.channels.iter_mut() {
+            let (name, s, change) = reg.hub.subscribe(channel, key);
+            *channel = name;
             *slot = s;
             match change {
                 ListenChange::Listen(ch) if postgres => {
@@ -196,7 +199,7 @@ pub fn join(key: SubKey) -> usize {
                     waiting += 1;
                 }
                 _ => {
-                    if let Some(keys) = reg.waiting.get_mut(channel.as_str()) {
+                    if let Some(keys) = reg.waiting.get_mut(&**channel) {
                         keys.push(key);
                         waiting += 1;
                     }
@@ -206,10 +209,11 @@ pub fn join(key: SubKey) -> usize {
         waiting
     })
     .unwrap_or(0);
-    sub.waiting = waiting;
-    if !listen.is_empty() {
-        worker::with(|w| listen.into_iter().for_each(|ch| w.listen(ch)));
-    }
+    sub.waiting = waiting as u32;
+    worker::with(|w| {
+        listen.into_iter().for_each(|ch| w.listen(ch));
+        w.after_burst();
+    });
     waiting
 }
 
@@ -229,7 +233,7 @@ pub fn leave(key: SubKey) {
             if let ListenChange::Unlisten(ch) = reg.hub.unsubscribe(channel, *slot, key) {
                 unlisten.push(ch);
             }
-            if let Some(keys) = reg.waiting.get_mut(channel.as_str()) {
+            if let Some(keys) = reg.waiting.get_mut(&**channel) {
                 keys.retain(|k| *k != key);
             }
         }
@@ -277,9 +281,15 @@ fn id_of(channel: &str, prefix: usize) -> &str {
 
 /// These channels are LISTENed: subscribers that waited for all of theirs are ready.
 pub fn listening(channels: &[String]) {
-    let keys: Vec<SubKey> =
-        with(|reg| channels.iter().filter_map(|ch| reg.waiting.remove(ch)).flatten().collect())
-            .unwrap_or_default();
+    let keys: Vec<SubKey> = with(|reg| {
+        let keys = channels.iter().filter_map(|ch| reg.waiting.remove(ch)).flatten().collect();
+        if reg.waiting.is_empty() && reg.waiting.capacity() > 64 {
+            // a burst of new channels is over: keep no table sized for it
+            reg.waiting = HashMap::new();
+        }
+        keys
+    })
+    .unwrap_or_default();
     for key in keys {
         // SAFETY: listed keys are live (a transport that left was unlisted from waiting,
         // and a ready() below that finalizes removes later keys of its own)

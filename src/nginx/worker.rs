@@ -18,9 +18,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nginx_sys::{
-    ngx_close_connection, ngx_connection_t, ngx_cycle_t, ngx_event_handler_pt, ngx_get_connection,
-    ngx_handle_read_event, ngx_int_t, ngx_log_t, NGX_LOG_ALERT, NGX_LOG_DEBUG, NGX_LOG_ERR,
-    NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_PROCESS_SINGLE, NGX_PROCESS_WORKER,
+    ngx_close_connection, ngx_connection_t, ngx_cycle_t, ngx_event_handler_pt, ngx_event_t,
+    ngx_get_connection, ngx_handle_read_event, ngx_int_t, ngx_log_t, ngx_msec_t, NGX_LOG_ALERT,
+    NGX_LOG_DEBUG, NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_PROCESS_SINGLE,
+    NGX_PROCESS_WORKER,
 };
 use ngx::http::HttpModuleMainConf;
 
@@ -41,6 +42,9 @@ pub struct Worker {
     bridge: Arc<Bridge>,
     side: Option<SideConnection>,
     conn: *mut ngx_connection_t,
+    /// Gives freed memory back to the system a moment after a burst of connections or
+    /// hook calls (see [`Worker::after_burst`]).
+    trim: Box<ngx_event_t>,
     pub log: *mut ngx_log_t,
     /// Publishes waiting for PostgreSQL, by id.
     publishes: HashMap<u64, PublishDone>,
@@ -142,6 +146,7 @@ pub fn start(cycle: &mut ngx_cycle_t, on_bridge: ngx_event_handler_pt) -> Result
             bridge,
             side,
             conn: c,
+            trim: trim_event(c, cycle.log),
             log: cycle.log,
             publishes: HashMap::new(),
             hooks: HashMap::new(),
@@ -175,6 +180,10 @@ pub fn stop() {
             log(w.log, level, &msg);
         }
     }
+    if w.trim.timer_set() != 0 {
+        // SAFETY: our own timer
+        unsafe { nginx_sys::ngx_del_timer(&mut *w.trim) };
+    }
     if !w.conn.is_null() {
         // SAFETY: our connection, closed once
         unsafe { ngx_close_connection(w.conn) };
@@ -182,7 +191,39 @@ pub fn stop() {
     }
 }
 
+/// How long after the start of a burst the heap is trimmed.
+const TRIM_DELAY: ngx_msec_t = 500;
+
+fn trim_event(c: *mut ngx_connection_t, log: *mut ngx_log_t) -> Box<ngx_event_t> {
+    // SAFETY: an all-zero event is nginx's own initial state
+    let mut ev: Box<ngx_event_t> = Box::new(unsafe { core::mem::zeroed() });
+    ev.handler = Some(on_trim);
+    // nginx's debug log reads the fd of an event's connection
+    ev.data = c.cast();
+    ev.log = log;
+    // a pending trim never holds up a graceful shutdown
+    ev.set_cancelable(1);
+    ev
+}
+
+/// Handshakes and hook calls allocate and free request pools and queued calls by the
+/// thousand in a burst; glibc keeps the freed pages, between the long-lived subscribers,
+/// unless asked. Once the burst is over they go back to the system.
+extern "C" fn on_trim(_ev: *mut ngx_event_t) {
+    // SAFETY: plain libc call; it only walks the allocator's own free lists
+    unsafe { libc::malloc_trim(0) };
+}
+
 impl Worker {
+    /// A connection or a hook call came and went: trim the heap in a moment (once per
+    /// burst).
+    pub fn after_burst(&mut self) {
+        if self.trim.timer_set() == 0 {
+            // SAFETY: our own boxed event, deleted in stop()
+            unsafe { nginx_sys::ngx_add_timer(&mut *self.trim, TRIM_DELAY) };
+        }
+    }
+
     pub fn has_postgres(&self) -> bool {
         self.side.is_some()
     }
@@ -239,6 +280,7 @@ impl Worker {
         let id = self.next_publish;
         self.next_publish += 1;
         let rows = reply.is_some();
+        self.after_burst();
         if let Some(side) = &self.side {
             side.hook(HookCall { id, name, sql, params, rows });
         }

@@ -11,7 +11,9 @@
 //! and its connection are freed from a posted event, once nginx no longer looks at them.
 
 use core::ffi::c_void;
+use core::ptr::NonNull;
 use core::{mem, ptr};
+use std::cell::Cell;
 
 use nginx_sys::{
     ngx_connection_t, ngx_event_t, ngx_http_connection_t, ngx_http_core_main_conf_t,
@@ -25,24 +27,54 @@ use ngx::http::{HttpModule, NgxHttpCoreModule};
 /// Called with the subrequest's status (0 if it never produced one) and body.
 pub type Done = Box<dyn FnOnce(usize, &[u8])>;
 
-/// What a call needs from the subscriber's connection, copied when it was admitted (kept
-/// small: every subscriber of a location with HTTP hooks holds one).
-pub struct Origin {
-    /// The subscriber's server and address configuration (its `ngx_http_connection_t`).
-    conf_ctx: *mut nginx_sys::ngx_http_conf_ctx_t,
+/// The subscriber's server: what a call needs besides its addresses (kept small: every
+/// subscriber of a location with HTTP hooks holds one).
+pub struct Server {
+    /// Its `ngx_http_connection_t`'s server and address configuration.
+    conf_ctx: NonNull<nginx_sys::ngx_http_conf_ctx_t>,
     addr_conf: *mut nginx_sys::ngx_http_addr_conf_t,
-    /// nginx's HTTP request and connection log handlers (static in nginx).
-    log_handler: ngx_http_log_handler_pt,
-    log_error: nginx_sys::ngx_log_handler_pt,
     /// Its listening socket, whose log is every connection's template.
     listening: *mut ngx_listening_t,
-    /// sockaddr, then local sockaddr, then the address text.
-    addrs: Box<[u8]>,
-    socklen: u32,
-    local_socklen: u32,
 }
 
-impl Origin {
+/// A call's origin: the server and the subscriber's addresses.
+pub struct Origin<'a> {
+    pub server: &'a Server,
+    pub sockaddr: &'a [u8],
+    /// Empty when it is the listening socket's own address.
+    pub local_sockaddr: &'a [u8],
+    pub addr_text: &'a [u8],
+}
+
+thread_local! {
+    /// nginx's HTTP request and connection log handlers, static functions in nginx: taken
+    /// from the first subscriber, the same for all.
+    static LOG_HANDLERS: Cell<(ngx_http_log_handler_pt, nginx_sys::ngx_log_handler_pt)> =
+        const { Cell::new((None, None)) };
+}
+
+impl Server {
+    /// The server of `r`, and its client address, local address (empty when it is the
+    /// listening socket's) and address text.
+    ///
+    /// # Safety
+    /// `r` is a live main request on a client connection.
+    pub unsafe fn of(r: &ngx_http_request_t) -> Option<(Self, [&[u8]; 3])> {
+        // SAFETY: per the contract
+        let c = unsafe { &*r.connection };
+        let hc = unsafe { r.http_connection.as_ref()? };
+        LOG_HANDLERS.with(|h| h.set((r.log_handler, unsafe { (*c.log).handler })));
+        let listening = c.listening;
+        let own_local =
+            unsafe { listening.as_ref() }.map_or(true, |ls| ls.sockaddr != c.local_sockaddr);
+        let local =
+            if own_local { bytes(c.local_sockaddr.cast(), c.local_socklen as usize) } else { &[] };
+        let server =
+            Self { conf_ctx: NonNull::new(hc.conf_ctx)?, addr_conf: hc.addr_conf, listening };
+        let sock = bytes(c.sockaddr.cast(), c.socklen as usize);
+        Some((server, [sock, local, bytes(c.addr_text.data, c.addr_text.len)]))
+    }
+
     /// The log of the subscriber's listening socket, for lines about its hooks.
     pub fn log(&self) -> *mut ngx_log_t {
         // SAFETY: listening sockets live as long as the cycle, which outlives workers'
@@ -50,28 +82,6 @@ impl Origin {
         match unsafe { self.listening.as_mut() } {
             Some(ls) => &mut ls.log,
             None => unsafe { (*nginx_sys::ngx_cycle).log },
-        }
-    }
-
-    /// # Safety
-    /// `r` is a live main request on a client connection.
-    pub unsafe fn of(r: &ngx_http_request_t) -> Self {
-        // SAFETY: per the contract
-        let c = unsafe { &*r.connection };
-        let hc = unsafe { &*r.http_connection };
-        let log_error = unsafe { (*c.log).handler };
-        let sock = bytes(c.sockaddr.cast(), c.socklen as usize);
-        let local = bytes(c.local_sockaddr.cast(), c.local_socklen as usize);
-        let text = bytes(c.addr_text.data, c.addr_text.len);
-        Self {
-            conf_ctx: hc.conf_ctx,
-            addr_conf: hc.addr_conf,
-            log_handler: r.log_handler,
-            log_error,
-            listening: c.listening,
-            addrs: [sock, local, text].concat().into_boxed_slice(),
-            socklen: sock.len() as u32,
-            local_socklen: local.len() as u32,
         }
     }
 }
@@ -129,7 +139,7 @@ fn method_name(name: &'static [u8]) -> ngx_str_t {
 /// are passed): a POST with `body`, or a GET. Failures (no answer, 4xx/5xx) are logged at
 /// `warn` naming `name`. `None` if the call could not start (logged too).
 pub fn call(
-    origin: &Origin,
+    origin: &Origin<'_>,
     name: &'static str,
     target: &[u8],
     default_args: &[u8],
@@ -147,10 +157,10 @@ pub fn call(
             c: mem::zeroed(),
             rev: mem::zeroed(),
             wev: mem::zeroed(),
-            log: *origin.log(),
+            log: *origin.server.log(),
             log_ctx: mem::zeroed(),
             hc: mem::zeroed(),
-            addrs: origin.addrs.clone(),
+            addrs: [origin.sockaddr, origin.local_sockaddr, origin.addr_text].concat().into(),
             ps: mem::zeroed(),
             r: ptr::null_mut(),
             name,
@@ -181,21 +191,25 @@ pub fn call(
         return None;
     }
     let _ = Box::into_raw(call);
+    crate::nginx::worker::with(|w| w.after_burst());
     Some(CallRef(raw))
 }
 
 /// Builds the parent request and its subrequest, and runs it.
-unsafe fn start(call: *mut Call, origin: &Origin) -> Result<(), ()> {
+unsafe fn start(call: *mut Call, origin: &Origin<'_>) -> Result<(), ()> {
     let k = unsafe { &mut *call };
+    let (socklen, local_socklen) = (origin.sockaddr.len(), origin.local_sockaddr.len());
     let sock = k.addrs.as_mut_ptr();
-    let local = unsafe { sock.add(origin.socklen as usize) };
-    let text = unsafe { local.add(origin.local_socklen as usize) };
-    let text_len = k.addrs.len() - (origin.socklen + origin.local_socklen) as usize;
+    let local = unsafe { sock.add(socklen) };
+    let text = unsafe { local.add(local_socklen) };
+    let text_len = origin.addr_text.len();
+    let server = origin.server;
+    let (log_handler, log_error) = LOG_HANDLERS.with(Cell::get);
 
-    k.hc.conf_ctx = origin.conf_ctx;
-    k.hc.addr_conf = origin.addr_conf;
+    k.hc.conf_ctx = server.conf_ctx.as_ptr();
+    k.hc.addr_conf = server.addr_conf;
     k.log_ctx.connection = &mut k.c;
-    k.log.handler = origin.log_error;
+    k.log.handler = log_error;
     k.log.data = ptr::addr_of_mut!(k.log_ctx).cast();
     k.log.action = c"running a pgpush hook".as_ptr().cast_mut();
 
@@ -205,12 +219,15 @@ unsafe fn start(call: *mut Call, origin: &Origin) -> Result<(), ()> {
     c.read = &mut k.rev;
     c.write = &mut k.wev;
     c.log = &mut k.log;
-    c.listening = origin.listening;
+    c.listening = server.listening;
     c.sockaddr = sock.cast();
-    c.socklen = origin.socklen;
-    if origin.local_socklen > 0 {
+    c.socklen = socklen as u32;
+    if local_socklen > 0 {
         c.local_sockaddr = local.cast();
-        c.local_socklen = origin.local_socklen;
+        c.local_socklen = local_socklen as u32;
+    } else if let Some(ls) = unsafe { server.listening.as_ref() } {
+        c.local_sockaddr = ls.sockaddr;
+        c.local_socklen = ls.socklen;
     }
     c.addr_text = ngx_str_t { len: text_len, data: text };
     // SAFETY: ngx_io is nginx's I/O table; a write to fd -1 fails, it is never reached
@@ -243,7 +260,7 @@ unsafe fn start(call: *mut Call, origin: &Origin) -> Result<(), ()> {
     let r = unsafe { alloc_request(&mut k.c) }.ok_or(())?;
     k.r = r;
     // SAFETY: r is fresh
-    unsafe { (*r).log_handler = origin.log_handler };
+    unsafe { (*r).log_handler = log_handler };
     k.c.data = r.cast();
     k.log_ctx.request = r;
     k.log_ctx.current_request = r;

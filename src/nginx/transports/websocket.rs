@@ -26,7 +26,7 @@ use nginx_sys::{
     ngx_http_core_loc_conf_t, ngx_http_request_t, ngx_int_t, ngx_msec_t, ngx_posted_events,
     NGX_HTTP_CLOSE, NGX_HTTP_GET, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_LOG_ERR, NGX_LOG_INFO,
 };
-use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule};
+use ngx::http::{HttpModule, HttpModuleLocationConf, NgxHttpCoreModule};
 use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 use tungstenite::Message;
@@ -36,6 +36,7 @@ use crate::nginx::hooks;
 use crate::nginx::http::{self, finalize, DONE, ERROR, OK};
 use crate::nginx::lifecycle::{self, Encoding, SubKey, Subscription, Transport};
 use crate::nginx::worker;
+use crate::nginx::HttpPgPushModule;
 use crate::postgres::cells::Reply;
 use crate::protocol::channels::{self, Limits};
 use crate::protocol::payload::{self, MAX_PAYLOAD};
@@ -73,16 +74,25 @@ pub struct Subscriber {
     c: *mut ngx_connection_t,
     lcf: &'static LocConf,
     sub: Subscription,
-    accept: String,
-    /// A channel error to report in a 1008 close frame right after the 101.
-    refusal: Option<(u16, String)>,
+    /// Until the 101 is sent.
+    handshake: Option<Box<Handshake>>,
     state: State,
     out: Output,
     /// Created on the first client frame: idle subscribers carry no read state.
     reader: Option<Box<Reader>>,
-    ping: ngx_event_t,
-    send_timeout: ngx_msec_t,
-    max_message: Option<usize>,
+    /// The connection's write timer counts down to the next ping (rather than bounding
+    /// a send with `send_timeout`): an idle subscriber needs no event of its own.
+    ping_timer: bool,
+    /// `send_timeout` and `client_max_body_size` (the largest client message) come from
+    /// here.
+    clcf: &'static ngx_http_core_loc_conf_t,
+}
+
+/// What only the handshake needs.
+struct Handshake {
+    accept: String,
+    /// A channel error to report in a 1008 close frame right after the 101.
+    refusal: Option<(u16, String)>,
 }
 
 /* the content handler */
@@ -129,27 +139,24 @@ pub fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
         Err(e) => (Vec::new(), Some((e.status(), e.to_string()))),
     };
 
-    // SAFETY: the core module's location conf always exists
-    let clcf: &ngx_http_core_loc_conf_t = unsafe {
+    // SAFETY: the core module's location conf always exists, as long as the configuration
+    let clcf: &'static ngx_http_core_loc_conf_t = unsafe {
         let req = ngx::http::Request::from_ngx_http_request(r);
         NgxHttpCoreModule::location_conf(req).ok_or(err500())?
     };
-    let max = clcf.client_max_body_size as usize;
     let sub = Box::new(Subscriber {
         r: ptr::from_mut(r),
         cln: ptr::null_mut(),
         c: r.connection,
         lcf,
         sub: Subscription::admit(r, lcf, channels),
-        accept,
-        refusal,
+        handshake: Some(Box::new(Handshake { accept, refusal })),
         state: State::Handshake,
         out: Output::default(),
         reader: None,
         // SAFETY: an all-zero event is nginx's own initial state
-        ping: unsafe { core::mem::zeroed() },
-        send_timeout: clcf.send_timeout,
-        max_message: (max > 0).then_some(max),
+        ping_timer: false,
+        clcf,
     });
 
     // SAFETY: the cleanup is allocated from the request pool and runs when it is freed
@@ -168,11 +175,8 @@ pub fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
     // SAFETY: as above
     let key = unsafe { SubKey::new(sub) };
     sub.cln = cln;
-    sub.ping.data = raw.cast();
-    sub.ping.handler = Some(on_timer);
-    // SAFETY: c is the request's connection
-    sub.ping.log = unsafe { (*r.connection).log };
-    sub.ping.set_cancelable(1);
+    // SAFETY: the module's slot in the request's context array
+    unsafe { *r.ctx.add(HttpPgPushModule::module().ctx_index) = raw.cast() };
 
     let waiting = lifecycle::join(key);
 
@@ -181,9 +185,18 @@ pub fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
     unsafe { (*r.main).set_count((*r.main).count() + 1) };
     r.read_event_handler = Some(nginx_sys::ngx_http_test_reading);
     if waiting == 0 {
-        // answered from the event loop: the request must outlive this handler's return
-        // SAFETY: the event is ours and not posted yet
-        unsafe { nginx_sys::ngx_post_event(&mut sub.ping, ptr::addr_of_mut!(ngx_posted_events)) };
+        // answered from the event loop, by a handler of our own (not the request's: the
+        // request is freed on the way, which nginx's request handler does not expect); the
+        // request must outlive this handler's return
+        // SAFETY: the connection's write event, unused until the 101; closing the
+        // connection unposts it
+        unsafe {
+            let wev = (*r.connection).write;
+            (*wev).handler = Some(handshake_posted);
+            if (*wev).posted() == 0 {
+                nginx_sys::ngx_post_event(wev, ptr::addr_of_mut!(ngx_posted_events));
+            }
+        }
     }
     Ok(DONE)
 }
@@ -197,13 +210,21 @@ extern "C" fn cleanup(data: *mut c_void) {
     let mut sub = unsafe { Box::from_raw(data.cast::<Subscriber>()) };
     // SAFETY: the key of this transport, leaving before it is freed
     lifecycle::leave(unsafe { SubKey::new(&mut *sub) });
-    if sub.ping.timer_set() != 0 {
-        // SAFETY: our own timer event
-        unsafe { nginx_sys::ngx_del_timer(&mut sub.ping) };
-    }
-    if sub.ping.posted() != 0 {
-        // SAFETY: our own posted event
-        unsafe { nginx_sys::ngx_delete_posted_event(&mut sub.ping) };
+}
+
+/// The connection's write handler until the 101 when no LISTEN is awaited: answers.
+extern "C" fn handshake_posted(wev: *mut ngx_event_t) {
+    // SAFETY: before the 101 the connection's data is the request, whose module context
+    // slot holds the subscriber until the request is freed
+    let sub = unsafe {
+        let r = (*(*wev).data.cast::<ngx_connection_t>()).data.cast::<ngx_http_request_t>();
+        *(*r).ctx.add(HttpPgPushModule::module().ctx_index)
+    };
+    let Some(sub) = (unsafe { sub.cast::<Subscriber>().as_mut() }) else {
+        return;
+    };
+    if sub.state == State::Handshake && sub.sub.waiting() == 0 {
+        sub.ready();
     }
 }
 
@@ -246,28 +267,18 @@ extern "C" fn on_write(wev: *mut ngx_event_t) {
     let wev = unsafe { &mut *wev };
     if wev.timedout() != 0 {
         wev.set_timedout(0);
-        // SAFETY: c is live
-        unsafe { (*sub.c).set_timedout(1) };
-        ngx::ngx_log_error!(NGX_LOG_INFO, sub.log(), "pgpush: client timed out while sending");
-        sub.state = State::Dead;
-    } else {
-        sub.write_queued();
-    }
-    sub.finish_if_done();
-}
-
-/// The subscriber's own event: posted once to answer the handshake, then the ping timer.
-extern "C" fn on_timer(ev: *mut ngx_event_t) {
-    // SAFETY: the event's data is its subscriber, alive while the event is set or posted
-    let sub = unsafe { &mut *(*ev).data.cast::<Subscriber>() };
-    match sub.state {
-        State::Handshake if sub.sub.waiting() == 0 => return sub.ready(),
-        State::Open => {
+        if sub.ping_timer && sub.state == State::Open {
+            sub.ping_timer = false;
             sub.out.push(PING.with(Rc::clone));
-            sub.arm_ping();
-            sub.write_queued();
+        } else {
+            // SAFETY: c is live
+            unsafe { (*sub.c).set_timedout(1) };
+            ngx::ngx_log_error!(NGX_LOG_INFO, sub.log(), "pgpush: client timed out while sending");
+            sub.state = State::Dead;
         }
-        _ => {}
+    }
+    {
+        sub.write_queued();
     }
     sub.finish_if_done();
 }
@@ -388,15 +399,16 @@ impl Subscriber {
         r.headers_out.status = nginx_sys::NGX_HTTP_SWITCHING_PROTOCOLS as _;
         r.set_header_sent(1);
         r.set_keepalive(0);
-        let explain = self.refusal.as_ref().map(|(_, e)| e.as_str());
-        self.out.push(Rc::from(ws::response_head(&self.accept, explain)));
+        let hs = self.handshake.take().ok_or(())?;
+        let explain = hs.refusal.as_ref().map(|(_, e)| e.as_str());
+        self.out.push(Rc::from(ws::response_head(&hs.accept, explain)));
         self.state = State::Open;
         if self.write_out().is_err() {
             return Err(());
         }
         self.detach();
 
-        if let Some((status, explain)) = self.refusal.take() {
+        if let Some((status, explain)) = hs.refusal {
             self.start_close(Some(close::POLICY), &ws::channel_error_reason(status, &explain));
             self.write_queued();
             return Ok(());
@@ -443,14 +455,25 @@ impl Subscriber {
                 c.buffer = ptr::null_mut();
             }
         }
-        self.accept = String::new();
     }
 
+    /// With nothing to send, the write timer counts down to the next ping (if pings are
+    /// on); otherwise it is off.
     fn arm_ping(&mut self) {
         let every = self.lcf.ping_message_interval;
-        if every != nginx_sys::NGX_CONF_UNSET as ngx_msec_t && every > 0 {
-            // SAFETY: our own timer event, deleted in the cleanup
-            unsafe { nginx_sys::ngx_add_timer(&mut self.ping, every) };
+        let on = every != nginx_sys::NGX_CONF_UNSET as ngx_msec_t && every > 0;
+        // SAFETY: the connection's write event is ours after the handshake
+        unsafe {
+            let wev = (*self.c).write;
+            if on && self.state == State::Open {
+                if !self.ping_timer || (*wev).timer_set() == 0 {
+                    nginx_sys::ngx_add_timer(wev, every);
+                    self.ping_timer = true;
+                }
+            } else if (*wev).timer_set() != 0 {
+                nginx_sys::ngx_del_timer(wev);
+                self.ping_timer = false;
+            }
         }
     }
 
@@ -485,7 +508,8 @@ impl Subscriber {
     /// client's messages wait for PostgreSQL (the rest stays in the socket: TCP pushes back
     /// on the client, and reading resumes as publishes complete).
     fn read_frames(&mut self) {
-        let max = self.max_message;
+        let max = self.clcf.client_max_body_size as usize;
+        let max = (max > 0).then_some(max);
         let mut reader = self.reader.take().unwrap_or_else(|| {
             let config = WebSocketConfig::default()
                 .read_buffer_size(READ_BUFFER)
@@ -625,13 +649,14 @@ impl Subscriber {
                     self.state = State::Dead;
                     return;
                 }
-                if (*wev).timer_set() == 0 {
-                    nginx_sys::ngx_add_timer(wev, self.send_timeout);
+                if (*wev).timer_set() == 0 || self.ping_timer {
+                    nginx_sys::ngx_add_timer(wev, self.clcf.send_timeout);
+                    self.ping_timer = false;
                 }
-            } else if (*wev).timer_set() != 0 {
-                nginx_sys::ngx_del_timer(wev);
+                return;
             }
         }
+        self.arm_ping();
     }
 
     /// Bytes the connection's own layer holds (TLS buffers what it could not write yet).
