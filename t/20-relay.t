@@ -28,7 +28,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(63);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(65);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -210,6 +210,12 @@ like($r, qr/^HTTP\/1\.1 400.*X-Nginx-PushStream-Explain: No channel id provided\
 $r = publish('z' x 64, 'x');
 like($r, qr/^HTTP\/1\.1 400.*X-Nginx-PushStream-Explain: Channel id is too large/ms,
 	'over-long channel: 400 explained');
+$r = publish('ALL', 'x');
+like($r, qr/^HTTP\/1\.1 403.*X-Nginx-PushStream-Explain: Channel id not authorized for this method\./ms,
+	'publishing to ALL: 403 explained');
+$r = publish('new*', 'x');
+like($r, qr/^HTTP\/1\.1 403.*X-Nginx-PushStream-Explain: Channel id not authorized for this method\./ms,
+	'publishing to an id with *: 403 explained');
 $r = publish('pub', 'x' x 8000);
 like($r, qr/^HTTP\/1\.1 413.*X-Nginx-PushStream-Explain: Message is too large/ms,
 	'payload over the NOTIFY limit: 413 explained');

@@ -25,7 +25,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(48);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(50);
 
 $t->write_file_expand('nginx.conf', <<'EOF');
 
@@ -151,6 +151,14 @@ is($code, 1008, 'no channel: close 1008');
 is($reason, '{"http_status": 400, "explain":"No channel id provided."}', 'no channel: reason');
 is($ws->header('X-Nginx-PushStream-Explain'), 'No channel id provided.',
 	'no channel: explained in a header too');
+
+# ALL and ids with * are push-stream's statistics wildcards: refused with 403
+for my $id ('ALL', 'news/a%2Ab') {
+	$ws = PgPush::WS->connect("/ws?id=$id");
+	($code, $reason) = PgPush::WS->close_status($ws->read_frame(3));
+	is("$code $reason", '1008 {"http_status": 403, "explain":"Channel id not authorized for this method."}',
+		"reserved id $id: 1008 with 403");
+}
 
 ###############################################################################
 

@@ -23,12 +23,18 @@ pub enum ChannelError {
     TooLongForPostgres { max: usize },
     #[error("Channel id must be valid UTF-8 without NUL bytes.")]
     Invalid,
+    /// `ALL` and ids with `*` are push-stream's statistics wildcards.
+    #[error("Channel id not authorized for this method.")]
+    Reserved,
 }
 
 impl ChannelError {
     /// The HTTP status push-stream answers with.
     pub fn status(&self) -> u16 {
-        400
+        match self {
+            ChannelError::Reserved => 403,
+            _ => 400,
+        }
     }
 }
 
@@ -71,6 +77,9 @@ pub fn parse_path(path: &[u8], limits: Limits<'_>) -> Result<Vec<ChannelRequest>
 pub fn check_id(id: &[u8], limits: Limits<'_>) -> Result<String, ChannelError> {
     if id.is_empty() {
         return Err(ChannelError::NoChannel);
+    }
+    if id == b"ALL" || id.contains(&b'*') {
+        return Err(ChannelError::Reserved);
     }
     if limits.max_id_length.is_some_and(|max| id.len() > max) {
         return Err(ChannelError::TooLong);
@@ -233,4 +242,17 @@ mod tests {
         assert_eq!(quote_ident("l'été"), "\"l'été\"");
         assert_eq!(pg_channel("app_", "News"), "app_News");
     }
+}
+
+#[test]
+fn statistics_wildcards_are_reserved() {
+    let l = Limits { max_id_length: Some(3), pg_prefix: "" };
+    for id in ["ALL", "a*", "*", "ne*ws"] {
+        assert_eq!(check_id(id.as_bytes(), l), Err(ChannelError::Reserved), "{id}");
+    }
+    assert_eq!(ChannelError::Reserved.status(), 403);
+    assert_eq!(parse_path(b"ok/ALL", l), Err(ChannelError::Reserved));
+    // checked before the length, as push-stream does
+    assert_eq!(check_id(b"long*", l), Err(ChannelError::Reserved));
+    assert!(check_id(b"all", l).is_ok());
 }
