@@ -64,6 +64,13 @@ pub fn complex_value(
     Some(v.as_bytes().to_vec())
 }
 
+/// The module's main configuration, without a request (from the worker's cycle).
+pub fn cycle_main_conf() -> Option<&'static MainConf> {
+    // SAFETY: ngx_cycle is set in every process that runs handlers
+    let cycle = unsafe { nginx_sys::ngx_cycle.as_ref()? };
+    HttpPgPushModule::main_conf(cycle)
+}
+
 /// A header-only answer with push-stream's explanation header, as its handlers give.
 pub fn send_explain(r: &mut ngx_http_request_t, status: u32, explain: &str) -> ngx_int_t {
     r.headers_out.status = status as _;

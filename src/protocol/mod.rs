@@ -3,5 +3,6 @@
 
 pub mod channels;
 pub mod payload;
+pub mod stream;
 pub mod template;
 pub mod websocket;

@@ -412,12 +412,12 @@ fn set_subscriber(cf: &mut ngx_conf_t, field: *mut c_void) -> Result<(), ConfErr
     )?;
     // SAFETY: set_role just stored the mode in this field
     let mode = unsafe { (*field.cast::<Option<SubscriberMode>>()).unwrap_or_default() };
-    if mode != SubscriberMode::WebSocket {
+    if matches!(mode, SubscriberMode::Polling | SubscriberMode::LongPolling) {
         ngx_conf_log_error!(
             NGX_LOG_WARN,
             cf,
-            "\"push_stream_subscriber {}\" has no effect yet: only \"websocket\" is built, \
-             other modes answer 501",
+            "\"push_stream_subscriber {}\" has no effect yet: only \"websocket\", \
+             \"eventsource\" and \"streaming\" are built, other modes answer 501",
             mode.name()
         );
     }

@@ -2,7 +2,7 @@
 //! lifecycle through [`crate::nginx::lifecycle::Transport`]; adding one is a file here and
 //! a line in [`handler`].
 
-pub mod websocket;
+pub mod connection;
 
 use nginx_sys::{ngx_http_request_t, ngx_int_t};
 
@@ -14,7 +14,9 @@ pub extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx passes the request being processed
     let r = unsafe { &mut *r };
     let result = match http::loc_conf(r).subscriber {
-        Some(SubscriberMode::WebSocket) => websocket::subscribe(r),
+        Some(SubscriberMode::WebSocket) => connection::subscribe(r, None),
+        Some(SubscriberMode::Streaming) => connection::subscribe(r, Some(false)),
+        Some(SubscriberMode::EventSource) => connection::subscribe(r, Some(true)),
         _ => Ok(nginx_sys::NGX_HTTP_NOT_IMPLEMENTED as ngx_int_t),
     };
     match result {

@@ -1,19 +1,23 @@
-//! `push_stream_subscriber websocket`: one held request per WebSocket client.
+//! `push_stream_subscriber websocket`, `streaming` and `eventsource`: subscribers that own
+//! their connection once the response head is out.
 //!
-//! The handshake is answered only once every channel's LISTEN is confirmed, so a message
-//! published after the client sees `101` is never missed. Server frames are encoded once
-//! per message and shared by every subscriber (`Rc<[u8]>`); each subscriber queues them
-//! and writes with the connection's `send_chain`, so several queued frames leave in one
-//! `writev`. Client frames are read with tungstenite, created on the first read so that
-//! idle subscribers carry no read buffer.
+//! The head (a `101`, or a `200` for a stream) is sent only once every channel's LISTEN is
+//! confirmed, so a message published after the client sees it is never missed. Messages
+//! are encoded once per message and framing (WebSocket frames, or HTTP/1.1 chunks with
+//! push-stream's EventSource lines) and shared by every subscriber (`Rc<[u8]>`); each
+//! subscriber queues them and writes with the connection's `send_chain`, so several queued
+//! frames leave in one `writev`. WebSocket client frames are read with tungstenite,
+//! created on the first read so that idle subscribers carry no read buffer; a stream's
+//! client only matters when it goes away.
 //!
 //! Output is bounded by `push_stream_subscriber_output_limit`: a subscriber that cannot
-//! keep up is closed with 1013 and an error-log line naming the channel.
+//! keep up is closed (WebSocket: 1013) with an error-log line naming the channel.
 //!
-//! Once the 101 is out, the subscriber lets go of the HTTP request: the request is logged
+//! Once the head is out, the subscriber lets go of the HTTP request: the request is logged
 //! and freed (its pool, headers and header buffer are several KB per connection), and the
 //! bare connection is driven by this module's own read and write handlers until it
-//! closes. Before that (while waiting for LISTEN), it is an ordinary held request.
+//! closes. Before that (while waiting for LISTEN), it is an ordinary held request. A
+//! stream therefore needs HTTP/1.x (HTTP/2 gets `505`).
 
 use core::ffi::c_void;
 use core::ptr;
@@ -40,6 +44,7 @@ use crate::nginx::HttpPgPushModule;
 use crate::postgres::cells::Reply;
 use crate::protocol::channels::{self, Limits};
 use crate::protocol::payload::{self, MAX_PAYLOAD};
+use crate::protocol::stream;
 use crate::protocol::template::Values;
 use crate::protocol::websocket::{self as ws, close, HandshakeError, HandshakeRequest};
 
@@ -86,6 +91,29 @@ pub struct Subscriber {
     /// `send_timeout` and `client_max_body_size` (the largest client message) come from
     /// here.
     clcf: &'static ngx_http_core_loc_conf_t,
+    framing: Framing,
+}
+
+/// How messages are framed on the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    WebSocket,
+    /// `streaming` or `eventsource`: an HTTP response of chunks (or plain bytes for an
+    /// HTTP/1.0 client, which then reads to the end of the connection).
+    Stream {
+        eventsource: bool,
+        chunked: bool,
+    },
+}
+
+impl Framing {
+    /// One message (text or binary) framed for the connection.
+    fn frame(self, op: u8, data: &[u8], out: &mut Vec<u8>) {
+        match self {
+            Framing::WebSocket => ws::encode(op, data, out),
+            Framing::Stream { chunked, .. } => stream::chunk(data, chunked, out),
+        }
+    }
 }
 
 /// What only the handshake needs.
@@ -97,10 +125,9 @@ struct Handshake {
 
 /* the content handler */
 
-/// The WebSocket handshake request of a subscriber.
-pub fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
-    let lcf = http::loc_conf(r);
-    let mcf = http::main_conf(r);
+/// The request of a subscriber: a WebSocket handshake, or a `streaming` or `eventsource`
+/// GET (`eventsource`).
+pub fn subscribe(r: &mut ngx_http_request_t, stream: Option<bool>) -> Result<ngx_int_t, ngx_int_t> {
     if r.method != NGX_HTTP_GET as usize {
         return Ok(http::send_not_allowed(r, "GET"));
     }
@@ -108,6 +135,9 @@ pub fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
     let rc = unsafe { nginx_sys::ngx_http_discard_request_body(r) };
     if rc != OK {
         return Ok(rc);
+    }
+    if let Some(eventsource) = stream {
+        return subscribe_stream(r, eventsource);
     }
 
     let hs = HandshakeRequest {
@@ -130,15 +160,46 @@ pub fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
         }
     };
 
+    let (channels, refusal) = match path_channels(r) {
+        Ok(list) => (list, None),
+        Err(e) => (Vec::new(), Some((e.status(), e.to_string()))),
+    };
+    start(r, channels, Some(Box::new(Handshake { accept, refusal })), Framing::WebSocket)
+}
+
+/// The PostgreSQL channels of the request's channels path.
+fn path_channels(r: &mut ngx_http_request_t) -> Result<Vec<String>, channels::ChannelError> {
+    let lcf = http::loc_conf(r);
+    let mcf = http::main_conf(r);
     let prefix = mcf.channel_prefix();
     let path = http::complex_value(r, lcf.channels_path).unwrap_or_default();
     let limits =
         Limits { max_id_length: MainConf::limit(mcf.max_channel_id_length), pg_prefix: prefix };
-    let (channels, refusal): (Vec<String>, _) = match channels::parse_path(&path, limits) {
-        Ok(list) => (list.iter().map(|c| channels::pg_channel(prefix, &c.id)).collect(), None),
-        Err(e) => (Vec::new(), Some((e.status(), e.to_string()))),
-    };
+    let list = channels::parse_path(&path, limits)?;
+    Ok(list.iter().map(|c| channels::pg_channel(prefix, &c.id)).collect())
+}
 
+/// `streaming` and `eventsource`: channel errors are plain HTTP answers.
+fn subscribe_stream(r: &mut ngx_http_request_t, eventsource: bool) -> Result<ngx_int_t, ngx_int_t> {
+    if r.http_version >= nginx_sys::NGX_HTTP_VERSION_20 as usize {
+        return Ok(http::send_explain(r, 505, "Streaming subscribers need HTTP/1.x."));
+    }
+    let channels = match path_channels(r) {
+        Ok(list) => list,
+        Err(e) => return Ok(http::send_explain(r, e.status().into(), &e.to_string())),
+    };
+    let chunked = r.http_version >= nginx_sys::NGX_HTTP_VERSION_11 as usize;
+    start(r, channels, None, Framing::Stream { eventsource, chunked })
+}
+
+/// Admits the subscriber, joins its channels and holds the request until it is ready.
+fn start(
+    r: &mut ngx_http_request_t,
+    channels: Vec<String>,
+    handshake: Option<Box<Handshake>>,
+    framing: Framing,
+) -> Result<ngx_int_t, ngx_int_t> {
+    let lcf = http::loc_conf(r);
     // SAFETY: the core module's location conf always exists, as long as the configuration
     let clcf: &'static ngx_http_core_loc_conf_t = unsafe {
         let req = ngx::http::Request::from_ngx_http_request(r);
@@ -150,13 +211,13 @@ pub fn subscribe(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
         c: r.connection,
         lcf,
         sub: Subscription::admit(r, lcf, channels),
-        handshake: Some(Box::new(Handshake { accept, refusal })),
+        handshake,
         state: State::Handshake,
         out: Output::default(),
         reader: None,
-        // SAFETY: an all-zero event is nginx's own initial state
         ping_timer: false,
         clcf,
+        framing,
     });
 
     // SAFETY: the cleanup is allocated from the request pool and runs when it is freed
@@ -245,6 +306,8 @@ extern "C" fn on_read(rev: *mut ngx_event_t) {
         }
     } else {
         match sub.state {
+            // a stream's client sends nothing more: only its end matters
+            State::Open if sub.framing != Framing::WebSocket => sub.stream_input(),
             State::Open => sub.read_frames(),
             State::Closing { .. } => {
                 if sub.discard_input() {
@@ -269,7 +332,8 @@ extern "C" fn on_write(wev: *mut ngx_event_t) {
         wev.set_timedout(0);
         if sub.ping_timer && sub.state == State::Open {
             sub.ping_timer = false;
-            sub.out.push(PING.with(Rc::clone));
+            let ping = sub.ping();
+            sub.out.push(ping);
         } else {
             // SAFETY: c is live
             unsafe { (*sub.c).set_timedout(1) };
@@ -313,26 +377,35 @@ impl Transport for Subscriber {
     fn encoding(&self) -> Encoding {
         let identity = self.lcf.template.as_ref().map_or(true, |t| t.is_identity());
         let template = if identity { ptr::null() } else { ptr::from_ref(self.lcf).cast() };
-        Encoding { kind: KIND, template }
+        let kind = match self.framing {
+            Framing::WebSocket => KIND,
+            Framing::Stream { eventsource, chunked } => {
+                KIND + 1 + 2 * u8::from(eventsource) + u8::from(!chunked)
+            }
+        };
+        Encoding { kind, template }
     }
 
     fn encode(&self, message: &Values<'_>) -> Rc<[u8]> {
-        if message.binary {
-            // byte-exact: a template is text and does not apply
-            let mut buf = Vec::with_capacity(message.text.len() + 10);
-            ws::encode(ws::OP_BINARY, message.text, &mut buf);
-            return Rc::from(buf);
-        }
         let mut text = Vec::new();
-        let body = match self.lcf.template.as_ref() {
-            Some(t) if !t.is_identity() => {
-                t.render(message, &mut text);
-                &text[..]
+        let eventsource = matches!(self.framing, Framing::Stream { eventsource: true, .. });
+        let (op, body) = if message.binary {
+            // byte-exact: a template is text and does not apply
+            (ws::OP_BINARY, message.text)
+        } else if eventsource {
+            text = stream::eventsource_message(self.lcf.template.as_ref(), message);
+            (ws::OP_TEXT, &text[..])
+        } else {
+            match self.lcf.template.as_ref() {
+                Some(t) if !t.is_identity() => {
+                    t.render(message, &mut text);
+                    (ws::OP_TEXT, &text[..])
+                }
+                _ => (ws::OP_TEXT, message.text),
             }
-            _ => message.text,
         };
         let mut buf = Vec::with_capacity(body.len() + 10);
-        ws::encode(ws::OP_TEXT, body, &mut buf);
+        self.framing.frame(op, body, &mut buf);
         Rc::from(buf)
     }
 
@@ -394,28 +467,53 @@ impl Subscriber {
     fn open(&mut self) -> Result<(), ()> {
         // SAFETY: the request is alive and its header not sent yet
         let r = unsafe { &mut *self.r };
-        // push-stream's head, written as it is (no other header applies to an upgrade);
-        // the request still logs a 101
-        r.headers_out.status = nginx_sys::NGX_HTTP_SWITCHING_PROTOCOLS as _;
+        // push-stream's head, written as it is (no other header applies to an upgrade or
+        // a stream); the request still logs its status
         r.set_header_sent(1);
         r.set_keepalive(0);
-        let hs = self.handshake.take().ok_or(())?;
-        let explain = hs.refusal.as_ref().map(|(_, e)| e.as_str());
-        self.out.push(Rc::from(ws::response_head(&hs.accept, explain)));
+        let mut refusal = None;
+        match self.framing {
+            Framing::WebSocket => {
+                r.headers_out.status = nginx_sys::NGX_HTTP_SWITCHING_PROTOCOLS as _;
+                let hs = self.handshake.take().ok_or(())?;
+                let explain = hs.refusal.as_ref().map(|(_, e)| e.as_str());
+                self.out.push(Rc::from(ws::response_head(&hs.accept, explain)));
+                refusal = hs.refusal;
+            }
+            Framing::Stream { eventsource, chunked } => {
+                r.headers_out.status = nginx_sys::NGX_HTTP_OK as _;
+                let content_type = if eventsource {
+                    String::from("text/event-stream; charset=utf-8")
+                } else {
+                    // the location's type, as nginx picks it (types, default_type)
+                    // SAFETY: the request is alive
+                    unsafe { nginx_sys::ngx_http_set_content_type(r) };
+                    String::from_utf8_lossy(r.headers_out.content_type.as_bytes()).into_owned()
+                };
+                self.out.push(Rc::from(stream::response_head(&content_type, chunked)));
+            }
+        }
         self.state = State::Open;
         if self.write_out().is_err() {
             return Err(());
         }
         self.detach();
 
-        if let Some((status, explain)) = hs.refusal {
+        if let Some((status, explain)) = refusal {
             self.start_close(Some(close::POLICY), &ws::channel_error_reason(status, &explain));
             self.write_queued();
             return Ok(());
         }
         let header = self.lcf.header_template.as_bytes();
-        if !header.is_empty() {
-            self.push_text(header);
+        match self.framing {
+            Framing::Stream { eventsource: true, .. } if header.is_empty() => {
+                self.push_text(stream::EVENTSOURCE_HEADER)
+            }
+            Framing::Stream { eventsource: true, .. } => {
+                self.push_text(&stream::eventsource_comments(header))
+            }
+            _ if !header.is_empty() => self.push_text(header),
+            _ => {}
         }
         self.arm_ping();
         if self.lcf.subscriber_connection_ttl != nginx_sys::NGX_CONF_UNSET as ngx_msec_t {
@@ -477,10 +575,38 @@ impl Subscriber {
         }
     }
 
+    /// Queues a text (header, footer) framed for the connection.
     fn push_text(&mut self, text: &[u8]) {
         let mut buf = Vec::with_capacity(text.len() + 10);
-        ws::encode(ws::OP_TEXT, text, &mut buf);
-        self.out.push(Rc::from(buf));
+        self.framing.frame(ws::OP_TEXT, text, &mut buf);
+        if !buf.is_empty() {
+            self.out.push(Rc::from(buf));
+        }
+    }
+
+    /// What a ping is on this connection.
+    fn ping(&self) -> Rc<[u8]> {
+        match self.framing {
+            Framing::WebSocket => PING.with(Rc::clone),
+            Framing::Stream { eventsource: true, .. } => {
+                let mut buf = Vec::new();
+                self.framing.frame(ws::OP_TEXT, stream::EVENTSOURCE_PING, &mut buf);
+                Rc::from(buf)
+            }
+            Framing::Stream { .. } => {
+                // push-stream's ping message: id -1, push_stream_ping_message_text
+                let text = http::cycle_main_conf().map_or(&b" "[..], |m| {
+                    let t = m.ping_message_text.as_bytes();
+                    if t.is_empty() {
+                        &b" "[..]
+                    } else {
+                        t
+                    }
+                });
+                let v = Values { text, id: -1, ..Values::default() };
+                self.encode(&v)
+            }
+        }
     }
 
     /// Starts the closing handshake: footer, close frame (without a code when `None`, as
@@ -490,6 +616,19 @@ impl Subscriber {
             return;
         }
         let footer = self.lcf.footer_template.as_bytes();
+        if let Framing::Stream { eventsource, chunked } = self.framing {
+            if eventsource {
+                self.push_text(&stream::eventsource_comments(footer));
+            } else if !footer.is_empty() {
+                self.push_text(footer);
+            }
+            if chunked {
+                self.out.push(Rc::from(stream::LAST_CHUNK));
+            }
+            // nothing to wait for: the connection closes once this is out
+            self.state = State::ClosingPeer;
+            return;
+        }
         if !footer.is_empty() {
             self.push_text(footer);
         }
@@ -611,6 +750,20 @@ impl Subscriber {
             }
         });
         Ok(())
+    }
+
+    /// Reads and drops what a stream's client sends; its end ends the subscriber.
+    fn stream_input(&mut self) {
+        let mut buf = [0u8; 1024];
+        loop {
+            let mut io = Io { c: self.c, out: &mut self.out };
+            match io.read(&mut buf) {
+                Ok(0) => break self.state = State::Dead,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => break self.state = State::Dead,
+            }
+        }
     }
 
     /// Reads and drops input while closing; true if anything (or EOF) arrived.

@@ -1,0 +1,197 @@
+#!/usr/bin/perl
+
+# The streaming and eventsource subscribers (push_stream_subscriber streaming|eventsource):
+# one HTTP response per subscriber, answered once every LISTEN is confirmed, with
+# push-stream's head (content type, chunked, never cached), the header template, one
+# chunk per message (EventSource: `: ` comments, `data:` lines per message line, an empty
+# line after each event, `: -1` pings), and at the connection ttl the footer and the last
+# chunk. HTTP/1.0 clients get the bytes unchunked. Wrong method or channel: push-stream's
+# HTTP errors.
+
+use warnings;
+use strict;
+
+use IO::Select;
+use IO::Socket::INET;
+use Test::More;
+use Time::HiRes qw/ sleep time /;
+
+BEGIN { use FindBin; chdir($FindBin::Bin); }
+
+BEGIN { push @INC, "$FindBin::Bin/lib"; }
+use Test::Nginx;
+use PgPush qw/ publish /;
+use PgPush::PG;
+
+###############################################################################
+
+select STDERR; $| = 1;
+select STDOUT; $| = 1;
+
+my $t = Test::Nginx->new()->has(qw/http/)->plan(22);
+
+my $pg = PgPush::PG->start();
+my $conninfo = $pg->conninfo;
+
+$t->write_file_expand('nginx.conf', <<"EOF");
+
+%%TEST_GLOBALS%%
+
+daemon off;
+worker_processes 2;
+
+events {
+}
+
+http {
+    %%TEST_GLOBALS_HTTP%%
+
+    push_stream_postgres "$conninfo";
+
+    server {
+        listen       127.0.0.1:8080 reuseport;
+        server_name  localhost;
+
+        location /es {
+            push_stream_subscriber eventsource;
+            push_stream_channels_path \$arg_id;
+            push_stream_ping_message_interval 1s;
+        }
+
+        location /st {
+            default_type text/plain;
+            push_stream_subscriber streaming;
+            push_stream_channels_path \$arg_id;
+            push_stream_header_template "HEAD";
+            push_stream_footer_template "FOOT";
+            push_stream_message_template "~text~|";
+            push_stream_subscriber_connection_ttl 2s;
+        }
+
+        location /pub {
+            push_stream_publisher;
+            push_stream_channels_path \$arg_id;
+        }
+    }
+}
+
+EOF
+
+$t->run();
+ok($pg->wait_sessions(2), 'two side connections');
+
+###############################################################################
+
+# A raw HTTP client that reads the head, then the body as it comes (chunks decoded).
+sub open_stream {
+	my ($path, $version) = @_;
+	$version //= '1.1';
+	my $s = IO::Socket::INET->new(Proto => 'tcp', PeerAddr => '127.0.0.1:' . Test::Nginx::port(8080))
+		or die "connect: $!\n";
+	$s->syswrite("GET $path HTTP/$version\r\nHost: localhost\r\n\r\n");
+	my $self = { sock => $s, raw => '', body => '', chunked => 0, done => 0 };
+	fill($self, 3) while $self->{raw} !~ /\r\n\r\n/ && !$self->{eof};
+	($self->{head}, $self->{raw}) = split /\r\n\r\n/, $self->{raw}, 2;
+	$self->{raw} //= '';
+	$self->{chunked} = $self->{head} =~ /^Transfer-Encoding: chunked/mi;
+	decode($self);
+	return $self;
+}
+
+sub fill {
+	my ($self, $timeout) = @_;
+	return 0 unless IO::Select->new($self->{sock})->can_read($timeout);
+	my $n = $self->{sock}->sysread(my $buf, 65536);
+	if (!$n) { $self->{eof} = 1; return 0 }
+	$self->{raw} .= $buf;
+	return 1;
+}
+
+sub decode {
+	my ($self) = @_;
+	if (!$self->{chunked}) {
+		$self->{body} .= $self->{raw};
+		$self->{raw} = '';
+		return;
+	}
+	while ($self->{raw} =~ /^([0-9a-f]+)\r\n/i) {
+		my $len = hex $1;
+		my $hl = length($1) + 2;
+		last if length $self->{raw} < $hl + $len + 2;
+		$self->{done} = 1 if $len == 0;
+		$self->{body} .= substr($self->{raw}, $hl, $len);
+		substr($self->{raw}, 0, $hl + $len + 2) = '';
+	}
+}
+
+# Waits until the body holds $re (or the time is up); returns and removes what matched.
+sub expect {
+	my ($self, $re, $timeout) = @_;
+	my $end = time + ($timeout // 3);
+	while (1) {
+		if ($self->{body} =~ /\A($re)/s) {
+			substr($self->{body}, 0, length $1) = '';
+			return $1;
+		}
+		last if time > $end || $self->{eof};
+		fill($self, 0.2) and decode($self);
+	}
+	diag("body so far: " . $self->{body});
+	return undef;
+}
+
+
+###############################################################################
+
+# eventsource
+
+my $es = open_stream('/es?id=news');
+like($es->{head}, qr/^HTTP\/1\.1 200 OK/, 'eventsource: 200');
+like($es->{head}, qr/^Content-Type: text\/event-stream; charset=utf-8\r?$/mi, 'eventsource: content type');
+like($es->{head}, qr/^Transfer-Encoding: chunked\r?$/mi, 'chunked');
+like($es->{head}, qr/^Cache-Control: no-cache, no-store, must-revalidate\r?$/mi, 'never cached');
+ok(defined expect($es, qr/: \n/), 'the default header is an empty comment');
+$pg->notify('news', "line 1\nline 2\r\nline 3");
+is(expect($es, qr/data: [^\n]*\ndata: [^\n]*\ndata: [^\n]*\n\n/),
+	"data: line 1\ndata: line 2\ndata: line 3\n\n", 'one data line per message line, then an empty line');
+publish('news', 'over http');
+is(expect($es, qr/data: over http\n\n/), "data: over http\n\n", 'published over HTTP');
+ok(defined expect($es, qr/: -1\n/, 3), 'pings are comments after a quiet interval');
+
+# streaming
+
+my $st = open_stream('/st?id=sports');
+like($st->{head}, qr/^HTTP\/1\.1 200 OK/, 'streaming: 200');
+like($st->{head}, qr/^Content-Type: text\/plain\r?$/mi, "streaming: the location's type");
+is(expect($st, qr/HEAD/), 'HEAD', 'header template first');
+publish('sports', 'goal');
+is(expect($st, qr/goal\|/), 'goal|', 'the message with its template');
+is(expect($st, qr/FOOT/, 4), 'FOOT', 'the footer at the connection ttl');
+fill($st, 2) and decode($st) until $st->{done} || $st->{eof};
+ok($st->{done}, 'then the last chunk');
+ok($st->{eof} || !fill($st, 2) && $st->{eof}, 'and the connection closes');
+
+# HTTP/1.0: no chunks
+my $old = open_stream('/st?id=old', '1.0');
+unlike($old->{head}, qr/chunked/i, 'HTTP/1.0: not chunked');
+is(expect($old, qr/HEAD/), 'HEAD', 'HTTP/1.0: the header as it is');
+publish('old', 'plain');
+is(expect($old, qr/plain\|/), 'plain|', 'HTTP/1.0: the message as it is');
+
+###############################################################################
+
+# errors, push-stream style
+
+like(http(<<EOR), qr/^HTTP\/1\.1 405.*^Allow: GET/ms, 'POST: 405 with Allow');
+POST /st?id=x HTTP/1.0
+Host: localhost
+Content-Length: 1
+
+x
+EOR
+like(http_get('/st?id='), qr/^HTTP\/1\.1 400.*X-Nginx-PushStream-Explain: No channel id provided\./ms,
+	'no channel: 400 explained');
+like(http_get('/es?id=ALL'), qr/^HTTP\/1\.1 403.*X-Nginx-PushStream-Explain: Channel id not authorized/ms,
+	'ALL: 403 explained');
+
+###############################################################################
