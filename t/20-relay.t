@@ -28,7 +28,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(65);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(67);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -216,6 +216,15 @@ like($r, qr/^HTTP\/1\.1 403.*X-Nginx-PushStream-Explain: Channel id not authoriz
 $r = publish('new*', 'x');
 like($r, qr/^HTTP\/1\.1 403.*X-Nginx-PushStream-Explain: Channel id not authorized for this method\./ms,
 	'publishing to an id with *: 403 explained');
+# any bytes are a message: a body that is not UTF-8 reaches WebSocket subscribers as a
+# binary frame, byte-exact
+my $bin = PgPush::WS->connect('/ws?id=bytes');
+$r = publish('bytes', "\xff\x00\xfe");
+like($r, qr/^HTTP\/1\.1 200/, 'a body that is not UTF-8 is published');
+my $bm = $bin->read_message(3);
+is(($bm->{opcode} // 0) . ' ' . unpack('H*', $bm->{payload} // ''), '2 ff00fe',
+	'and delivered as a binary frame, byte-exact');
+undef $bin;
 $r = publish('pub', 'x' x 8000);
 like($r, qr/^HTTP\/1\.1 413.*X-Nginx-PushStream-Explain: Message is too large/ms,
 	'payload over the NOTIFY limit: 413 explained');

@@ -28,7 +28,7 @@ use PgPush::PG;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(22);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(23);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -156,6 +156,17 @@ is(expect($es, qr/data: [^\n]*\ndata: [^\n]*\ndata: [^\n]*\n\n/),
 	"data: line 1\ndata: line 2\ndata: line 3\n\n", 'one data line per message line, then an empty line');
 publish('news', 'over http');
 is(expect($es, qr/data: over http\n\n/), "data: over http\n\n", 'published over HTTP');
+http(<<EOR);
+POST /pub?id=news HTTP/1.0
+Host: localhost
+Event-Id: ev-7
+Event-Type: score
+Content-Length: 4
+
+1:0!
+EOR
+is(expect($es, qr/id: [^\n]*\nevent: [^\n]*\ndata: [^\n]*\n\n/), "id: ev-7\nevent: score\ndata: 1:0!\n\n",
+	'Event-Id and Event-Type of the publisher become id: and event: lines');
 ok(defined expect($es, qr/: -1\n/, 3), 'pings are comments after a quiet interval');
 
 # streaming

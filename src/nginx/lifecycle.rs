@@ -317,9 +317,12 @@ pub fn deliver(channel: &str, payload: &str) {
     };
     let prefix_len = worker::with(|w| w.prefix.len()).unwrap_or(0);
     let id = channel.get(prefix_len..).unwrap_or(channel);
-    let message = payload::unwrap(payload);
+    let (message, meta) = payload::unwrap_with_meta(payload);
     let (text, binary) = (message.bytes(), message.is_binary());
-    fan_out(&keys, &Values { text, binary, channel: id, id: n as i64, ..now() });
+    let event_id = meta.event_id.as_deref().unwrap_or_default();
+    let event_type = meta.event_type.as_deref().unwrap_or_default();
+    let values = Values { text, binary, channel: id, id: n as i64, event_id, event_type, ..now() };
+    fan_out(&keys, &values);
 }
 
 /// The side connection came back: notifications sent while it was down are lost, and every

@@ -19,7 +19,7 @@ use crate::nginx::conf::MainConf;
 use crate::nginx::http::{self, finalize, DONE, ERROR, OK};
 use crate::nginx::{lifecycle, worker};
 use crate::protocol::channels::{self, Limits};
-use crate::protocol::payload::MAX_PAYLOAD;
+use crate::protocol::payload::{self, Meta, MAX_PAYLOAD};
 
 pub extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx passes the request being processed
@@ -91,22 +91,25 @@ fn publish(r: &mut ngx_http_request_t) -> Option<ngx_int_t> {
     if body.is_empty() {
         return Some(http::send_explain(r, 400, "Empty post requests are not allowed."));
     }
-    if body.len() > MAX_PAYLOAD {
+    // Event-Id and Event-Type travel with the message; any bytes are a message (text that
+    // is not UTF-8 goes as binary)
+    let meta_header = |r: &ngx_http_request_t, name| {
+        http::header_in(r, name)
+            .filter(|v| !v.is_empty())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    let meta =
+        Meta { event_id: meta_header(r, "Event-Id"), event_type: meta_header(r, "Event-Type") };
+    let payload = match String::from_utf8(body) {
+        Ok(text) => payload::wrap_text_with(&text, &meta),
+        Err(e) => payload::wrap_binary_with(e.as_bytes(), &meta),
+    };
+    if payload.len() > MAX_PAYLOAD {
         let explain = format!(
             "Message is too large: a PostgreSQL notification carries at most {MAX_PAYLOAD} bytes."
         );
         return Some(http::send_explain(r, 413, &explain));
     }
-    let payload = match String::from_utf8(body) {
-        Ok(p) if !p.contains('\0') => p,
-        _ => {
-            return Some(http::send_explain(
-                r,
-                400,
-                "Message must be UTF-8 text without NUL bytes to travel through PostgreSQL.",
-            ))
-        }
-    };
     debug_assert!(pg.len() <= PG_MAX_IDENTIFIER);
 
     let rp = ptr::from_mut(r);

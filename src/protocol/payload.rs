@@ -5,7 +5,10 @@
 //!
 //! - `ESC 'b' <base64>`: a binary message, delivered byte-exact (a binary WebSocket frame);
 //! - `ESC 't' <base64>`: a text message that cannot travel as itself (it starts with ESC
-//!   or holds a NUL).
+//!   or holds a NUL);
+//! - `ESC 'm' <JSON>`: a message with an event id or type (the publisher's `Event-Id` and
+//!   `Event-Type` headers): `{"i": id, "y": type, "t": text}`, or `"b": base64` instead of
+//!   `"t"` for a binary message; `i` and `y` are left out when absent.
 //!
 //! base64 is the standard alphabet with padding; line breaks in it are ignored (SQL's
 //! `encode(data, 'base64')` makes them). A payload that starts with ESC but is
@@ -37,6 +40,72 @@ impl Message<'_> {
     pub fn is_binary(&self) -> bool {
         matches!(self, Message::Binary(_))
     }
+}
+
+/// A message's EventSource id and type.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    pub event_id: Option<String>,
+    pub event_type: Option<String>,
+}
+
+impl Meta {
+    fn is_empty(&self) -> bool {
+        self.event_id.is_none() && self.event_type.is_none()
+    }
+}
+
+/// The NOTIFY payload of a text message with its event id and type.
+pub fn wrap_text_with(text: &str, meta: &Meta) -> String {
+    if meta.is_empty() {
+        return wrap_text(text);
+    }
+    let mut o = serde_json::Map::new();
+    if let Some(i) = &meta.event_id {
+        o.insert("i".into(), i.as_str().into());
+    }
+    if let Some(y) = &meta.event_type {
+        o.insert("y".into(), y.as_str().into());
+    }
+    o.insert("t".into(), text.into());
+    let mut s = String::from("\u{1b}m");
+    s.push_str(&serde_json::Value::Object(o).to_string());
+    s
+}
+
+/// The NOTIFY payload of a binary message with its event id and type.
+pub fn wrap_binary_with(data: &[u8], meta: &Meta) -> String {
+    if meta.is_empty() {
+        return wrap_binary(data);
+    }
+    let mut o = serde_json::Map::new();
+    if let Some(i) = &meta.event_id {
+        o.insert("i".into(), i.as_str().into());
+    }
+    if let Some(y) = &meta.event_type {
+        o.insert("y".into(), y.as_str().into());
+    }
+    o.insert("b".into(), STANDARD.encode(data).into());
+    let mut s = String::from("\u{1b}m");
+    s.push_str(&serde_json::Value::Object(o).to_string());
+    s
+}
+
+/// The message a NOTIFY payload carries, with its event id and type.
+pub fn unwrap_with_meta(payload: &str) -> (Message<'_>, Meta) {
+    if let Some(json) = payload.strip_prefix("\u{1b}m") {
+        if let Ok(serde_json::Value::Object(o)) = serde_json::from_str(json) {
+            let field = |k: &str| o.get(k).and_then(|v| v.as_str()).map(str::to_string);
+            let meta = Meta { event_id: field("i"), event_type: field("y") };
+            if let Some(t) = field("t") {
+                return (Message::Text(t.into_bytes().into()), meta);
+            }
+            if let Some(b) = field("b").and_then(|b| STANDARD.decode(b).ok()) {
+                return (Message::Binary(b), meta);
+            }
+        }
+    }
+    (unwrap(payload), Meta::default())
 }
 
 /// The NOTIFY payload of a text message.
@@ -156,6 +225,29 @@ mod tests {
             // and whatever PostgreSQL hands over decodes to something, never panics
             let _ = unwrap(&String::from_utf8_lossy(&data));
         }
+    }
+
+    #[test]
+    fn event_id_and_type_travel_with_the_message() {
+        let meta = Meta { event_id: Some("e-1".into()), event_type: Some("news".into()) };
+        let p = wrap_text_with("héllo \"x\"\n\0", &meta);
+        assert!(!p.contains('\0'));
+        let (m, got) = unwrap_with_meta(&p);
+        assert_eq!(m.bytes(), "héllo \"x\"\n\0".as_bytes());
+        assert_eq!(got, meta);
+        let only_type = Meta { event_type: Some("t".into()), ..Meta::default() };
+        assert_eq!(unwrap_with_meta(&wrap_text_with("x", &only_type)).1, only_type);
+        // without metadata nothing changes
+        assert_eq!(wrap_text_with("plain", &Meta::default()), "plain");
+        assert_eq!(
+            unwrap_with_meta("plain"),
+            (Message::Text(b"plain"[..].into()), Meta::default())
+        );
+        // a broken envelope is text
+        assert_eq!(unwrap_with_meta("\u{1b}m{").0.bytes(), "\u{1b}m{".as_bytes());
+        let p = wrap_binary_with(b"\xff\0", &meta);
+        let (m, got) = unwrap_with_meta(&p);
+        assert_eq!((m, got), (Message::Binary(vec![0xff, 0]), meta));
     }
 
     #[test]
