@@ -71,6 +71,15 @@ pub fn cycle_main_conf() -> Option<&'static MainConf> {
     HttpPgPushModule::main_conf(cycle)
 }
 
+/// A header-only answer with this status.
+pub fn send_header_only(r: &mut ngx_http_request_t, status: u32) -> ngx_int_t {
+    r.headers_out.status = status as _;
+    r.headers_out.content_length_n = 0;
+    r.set_header_only(1);
+    // SAFETY: a request being answered for the first time
+    unsafe { nginx_sys::ngx_http_send_header(r) }
+}
+
 /// A header-only answer with push-stream's explanation header, as its handlers give.
 pub fn send_explain(r: &mut ngx_http_request_t, status: u32, explain: &str) -> ngx_int_t {
     r.headers_out.status = status as _;
@@ -102,11 +111,16 @@ pub fn send_body(
     content_type: &'static str,
     body: &[u8],
 ) -> ngx_int_t {
-    r.headers_out.status = status as _;
-    r.headers_out.content_length_n = body.len() as _;
     r.headers_out.content_type =
         ngx_str_t { len: content_type.len(), data: content_type.as_ptr().cast_mut() };
     r.headers_out.content_type_len = content_type.len();
+    send_typed_body(r, status, body)
+}
+
+/// Like [`send_body`], with the content type already set on the request.
+pub fn send_typed_body(r: &mut ngx_http_request_t, status: u32, body: &[u8]) -> ngx_int_t {
+    r.headers_out.status = status as _;
+    r.headers_out.content_length_n = body.len() as _;
     // SAFETY: a request being answered for the first time
     let rc = unsafe { nginx_sys::ngx_http_send_header(r) };
     if rc == ERROR || rc > OK || r.header_only() != 0 {

@@ -167,11 +167,7 @@ fn answer(r: *mut ngx_http_request_t, pg: &str, id: &str, outcome: Result<(), &s
 /// `push_stream_channel_info_on_publish off`.
 fn published(r: &mut ngx_http_request_t, pg: &str, id: &str) -> ngx_int_t {
     if http::loc_conf(r).channel_info_on_publish == 0 {
-        r.headers_out.status = nginx_sys::NGX_HTTP_OK as _;
-        r.headers_out.content_length_n = 0;
-        r.set_header_only(1);
-        // SAFETY: a request being answered for the first time
-        return unsafe { nginx_sys::ngx_http_send_header(r) };
+        return http::send_header_only(r, nginx_sys::NGX_HTTP_OK);
     }
     send_info(r, pg, id)
 }

@@ -160,7 +160,7 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 48] = [
     main!("push_stream_channel_deleted_message_text", T1, channel_deleted_message_text, STR, NOT_YET),
     main!("push_stream_channel_inactivity_time", T1, channel_inactivity_time, SEC, NOT_YET),
     main!("push_stream_ping_message_text", T1, ping_message_text, STR, NOT_YET),
-    main!("push_stream_timeout_with_body", T1, timeout_with_body, Flag, NOT_YET),
+    main!("push_stream_timeout_with_body", T1, timeout_with_body, Flag, READY),
     main!("push_stream_message_ttl", T1, message_ttl, SEC_POS, NOT_YET),
     main!("push_stream_max_subscribers_per_channel", T1, max_subscribers_per_channel, NUM_POS, NOT_YET),
     main!("push_stream_max_messages_stored_per_channel", T1, max_messages_stored_per_channel, NUM_POS, NOT_YET),
@@ -182,7 +182,7 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 48] = [
     any!("push_stream_ping_message_interval", T1, ping_message_interval, MSEC_POS, READY),
     any!("push_stream_subscriber_connection_ttl", T1, subscriber_connection_ttl, MSEC_POS, READY),
     any!("push_stream_subscriber_output_limit", T1, subscriber_output_limit, Kind::Size, READY),
-    any!("push_stream_longpolling_connection_ttl", T1, longpolling_connection_ttl, MSEC_POS, NOT_YET),
+    any!("push_stream_longpolling_connection_ttl", T1, longpolling_connection_ttl, MSEC_POS, READY),
     any!("push_stream_websocket_allow_publish", T1, websocket_allow_publish, Flag, READY),
     any_if!("push_stream_last_received_message_time", T1, last_received_message_time, Complex, NOT_YET),
     any_if!("push_stream_last_received_message_tag", T1, last_received_message_tag, Complex, NOT_YET),
@@ -412,12 +412,12 @@ fn set_subscriber(cf: &mut ngx_conf_t, field: *mut c_void) -> Result<(), ConfErr
     )?;
     // SAFETY: set_role just stored the mode in this field
     let mode = unsafe { (*field.cast::<Option<SubscriberMode>>()).unwrap_or_default() };
-    if matches!(mode, SubscriberMode::Polling | SubscriberMode::LongPolling) {
+    if mode == SubscriberMode::Polling {
         ngx_conf_log_error!(
             NGX_LOG_WARN,
             cf,
-            "\"push_stream_subscriber {}\" has no effect yet: only \"websocket\", \
-             \"eventsource\" and \"streaming\" are built, other modes answer 501",
+            "\"push_stream_subscriber {}\" has no effect yet: it answers 501 until stored \
+             messages are built",
             mode.name()
         );
     }

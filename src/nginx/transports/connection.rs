@@ -168,7 +168,9 @@ pub fn subscribe(r: &mut ngx_http_request_t, stream: Option<bool>) -> Result<ngx
 }
 
 /// The PostgreSQL channels of the request's channels path.
-fn path_channels(r: &mut ngx_http_request_t) -> Result<Vec<String>, channels::ChannelError> {
+pub(super) fn path_channels(
+    r: &mut ngx_http_request_t,
+) -> Result<Vec<String>, channels::ChannelError> {
     let lcf = http::loc_conf(r);
     let mcf = http::main_conf(r);
     let prefix = mcf.channel_prefix();

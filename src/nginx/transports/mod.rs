@@ -3,6 +3,7 @@
 //! a line in [`handler`].
 
 pub mod connection;
+pub mod longpoll;
 
 use nginx_sys::{ngx_http_request_t, ngx_int_t};
 
@@ -17,9 +18,26 @@ pub extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         Some(SubscriberMode::WebSocket) => connection::subscribe(r, None),
         Some(SubscriberMode::Streaming) => connection::subscribe(r, Some(false)),
         Some(SubscriberMode::EventSource) => connection::subscribe(r, Some(true)),
+        Some(SubscriberMode::LongPolling) => long_polling(r),
         _ => Ok(nginx_sys::NGX_HTTP_NOT_IMPLEMENTED as ngx_int_t),
     };
     match result {
         Ok(rc) | Err(rc) => rc,
+    }
+}
+
+/// `long-polling`: a GET whose channels are valid waits for the next message.
+fn long_polling(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
+    if r.method != nginx_sys::NGX_HTTP_GET as usize {
+        return Ok(http::send_not_allowed(r, "GET"));
+    }
+    // SAFETY: the request is in its content phase
+    let rc = unsafe { nginx_sys::ngx_http_discard_request_body(r) };
+    if rc != nginx_sys::NGX_OK as ngx_int_t {
+        return Ok(rc);
+    }
+    match connection::path_channels(r) {
+        Ok(channels) => longpoll::subscribe(r, channels),
+        Err(e) => Ok(http::send_explain(r, e.status().into(), &e.to_string())),
     }
 }

@@ -1,0 +1,235 @@
+//! `push_stream_subscriber long-polling`: the request waits for the next message on any of
+//! its channels and is answered with it (`200`, the header template, the message, the
+//! footer template), or, at `push_stream_longpolling_connection_ttl` (else
+//! `push_stream_subscriber_connection_ttl`), with `304` (or `200` and push-stream's
+//! timeout message, id -3 "Timed out", with `push_stream_timeout_with_body on`). `?callback=`
+//! wraps the message in JSONP. The request is held as an ordinary nginx request: it lives
+//! for one message at most.
+
+use core::ffi::c_void;
+use core::ptr;
+use std::rc::Rc;
+
+use nginx_sys::{ngx_http_request_t, ngx_int_t, ngx_msec_t};
+
+use crate::nginx::conf::LocConf;
+use crate::nginx::http::{self, finalize, DONE};
+use crate::nginx::lifecycle::{self, Encoding, SubKey, Subscription, Transport};
+use crate::postgres::cells::Reply;
+use crate::protocol::template::Values;
+
+/// Long-pollers of one location share an encoded message.
+const KIND: u8 = 20;
+
+pub struct LongPoller {
+    r: *mut ngx_http_request_t,
+    lcf: &'static LocConf,
+    sub: Subscription,
+    /// The message that answers this request.
+    answer: Option<Rc<[u8]>>,
+    done: bool,
+}
+
+/// A long-polling request: joins its channels and waits.
+pub fn subscribe(
+    r: &mut ngx_http_request_t,
+    channels: Vec<String>,
+) -> Result<ngx_int_t, ngx_int_t> {
+    let lcf = http::loc_conf(r);
+    let poller = Box::new(LongPoller {
+        r: ptr::from_mut(r),
+        lcf,
+        sub: Subscription::admit(r, lcf, channels),
+        answer: None,
+        done: false,
+    });
+    // SAFETY: the cleanup is allocated from the request pool and runs when it is freed
+    let cln = unsafe { nginx_sys::ngx_http_cleanup_add(r, 0) };
+    if cln.is_null() {
+        return Err(nginx_sys::NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t);
+    }
+    let raw = Box::into_raw(poller);
+    // SAFETY: cln is fresh; raw is ours until the cleanup takes it back
+    unsafe {
+        (*cln).handler = Some(cleanup);
+        (*cln).data = raw.cast();
+        *r.ctx.add(<crate::nginx::HttpPgPushModule as ngx::http::HttpModule>::module().ctx_index) =
+            raw.cast();
+    }
+    // SAFETY: raw is live until the cleanup, which leaves first
+    let key = unsafe { SubKey::new(&mut *raw) };
+    lifecycle::join(key);
+    // held until answered; this handler's NGX_DONE returns one count
+    // SAFETY: r->main is the request itself
+    unsafe { (*r.main).set_count((*r.main).count() + 1) };
+    r.read_event_handler = Some(nginx_sys::ngx_http_test_reading);
+    r.write_event_handler = Some(on_write);
+    let ttl = match lcf.longpolling_connection_ttl {
+        t if t != nginx_sys::NGX_CONF_UNSET as ngx_msec_t => t,
+        _ => lcf.subscriber_connection_ttl,
+    };
+    if ttl != nginx_sys::NGX_CONF_UNSET as ngx_msec_t {
+        // SAFETY: the connection's write event is unused while the request waits
+        unsafe { nginx_sys::ngx_add_timer((*r.connection).write, ttl) };
+    }
+    Ok(DONE)
+}
+
+extern "C" fn cleanup(data: *mut c_void) {
+    // SAFETY: data is the Box leaked in subscribe(); cleanups run once
+    let mut poller = unsafe { Box::from_raw(data.cast::<LongPoller>()) };
+    // SAFETY: the key of this transport, leaving before it is freed
+    lifecycle::leave(unsafe { SubKey::new(&mut *poller) });
+}
+
+/// The request's write handler while it waits: only the ttl timer wakes it.
+extern "C" fn on_write(r: *mut ngx_http_request_t) {
+    // SAFETY: the request is alive; its module context slot holds the poller
+    let (wev, poller) = unsafe {
+        let slot = *(*r)
+            .ctx
+            .add(<crate::nginx::HttpPgPushModule as ngx::http::HttpModule>::module().ctx_index);
+        ((*(*r).connection).write, slot.cast::<LongPoller>().as_mut())
+    };
+    let Some(poller) = poller else { return };
+    // SAFETY: the connection's write event
+    if unsafe { (*wev).timedout() } == 0 {
+        return;
+    }
+    unsafe { (*wev).set_timedout(0) };
+    poller.timed_out();
+}
+
+impl LongPoller {
+    fn timed_out(&mut self) {
+        if self.done {
+            return;
+        }
+        let with_body = http::cycle_main_conf().is_some_and(|m| m.timeout_with_body == 1);
+        if with_body {
+            let v = Values {
+                text: b"Timed out",
+                id: -3,
+                time: "Thu, 01 Jan 1970 00:00:00 GMT",
+                ..Values::default()
+            };
+            let body = self.render(&v);
+            self.respond(200, &body);
+        } else {
+            self.respond(304, &[]);
+        }
+    }
+
+    fn render(&self, v: &Values<'_>) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self.lcf.template.as_ref() {
+            Some(t) if !t.is_identity() => t.render(v, &mut out),
+            _ => out.extend_from_slice(v.text),
+        }
+        out
+    }
+
+    /// Answers and finalizes: the header and footer templates around a message, JSONP
+    /// with `?callback=`; `304` has no body.
+    fn respond(&mut self, status: u32, message: &[u8]) {
+        self.done = true;
+        // SAFETY: a waiting request is alive (its cleanup ends the poller)
+        let r = unsafe { &mut *self.r };
+        let mut body = Vec::new();
+        if status != 304 {
+            let callback = arg(r, b"callback");
+            body.extend_from_slice(self.lcf.header_template.as_bytes());
+            match &callback {
+                Some(cb) => {
+                    body.extend_from_slice(cb);
+                    body.extend_from_slice(b"([");
+                    body.extend_from_slice(message);
+                    body.extend_from_slice(b"]);");
+                }
+                None => body.extend_from_slice(message),
+            }
+            body.extend_from_slice(self.lcf.footer_template.as_bytes());
+            if callback.is_some() {
+                const JS: &str = "application/javascript";
+                r.headers_out.content_type =
+                    nginx_sys::ngx_str_t { len: JS.len(), data: JS.as_ptr().cast_mut() };
+                r.headers_out.content_type_len = JS.len();
+            }
+        }
+        if r.headers_out.content_type.len == 0 {
+            // SAFETY: the request is alive
+            unsafe { nginx_sys::ngx_http_set_content_type(r) };
+        }
+        r.headers_out.last_modified_time = nginx_sys::ngx_time();
+        let headers = [
+            ("Etag", "W/0"),
+            ("Expires", "Thu, 01 Jan 1970 00:00:01 GMT"),
+            ("Cache-Control", "no-cache, no-store, must-revalidate"),
+        ];
+        for (k, v) in headers {
+            if http::header_out(r, k, v).is_err() {
+                return finalize(r, nginx_sys::NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t);
+            }
+        }
+        let rc = if status == 304 {
+            http::send_header_only(r, 304)
+        } else {
+            http::send_typed_body(r, status, &body)
+        };
+        finalize(r, rc);
+    }
+}
+
+/// A query argument, unescaped.
+fn arg(r: &ngx_http_request_t, name: &[u8]) -> Option<Vec<u8>> {
+    let args = r.args.as_bytes();
+    args.split(|&b| b == b'&').find_map(|kv| {
+        let (k, v) = kv.split_at(kv.iter().position(|&b| b == b'=')?);
+        (k == name && v.len() > 1).then(|| crate::protocol::channels::unescape(&v[1..]))
+    })
+}
+
+impl Transport for LongPoller {
+    fn subscription(&mut self) -> &mut Subscription {
+        &mut self.sub
+    }
+
+    fn ready(&mut self) {}
+
+    fn accepts(&self) -> bool {
+        !self.done && self.answer.is_none()
+    }
+
+    fn encoding(&self) -> Encoding {
+        let identity = self.lcf.template.as_ref().map_or(true, |t| t.is_identity());
+        let template = if identity { ptr::null() } else { ptr::from_ref(self.lcf).cast() };
+        Encoding { kind: KIND, template }
+    }
+
+    fn encode(&self, message: &Values<'_>) -> Rc<[u8]> {
+        Rc::from(self.render(message))
+    }
+
+    fn queue(&mut self, encoded: Rc<[u8]>, _channel: &str) {
+        if self.answer.is_none() {
+            self.answer = Some(encoded);
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Some(m) = self.answer.take() {
+            self.respond(200, &m);
+        }
+    }
+
+    fn going_away(&mut self) {
+        if !self.done {
+            self.respond(304, &[]);
+        }
+    }
+
+    fn reply(&mut self, _rows: Vec<Reply>) {}
+}

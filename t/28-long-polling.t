@@ -1,0 +1,175 @@
+#!/usr/bin/perl
+
+# The long-polling subscriber (push_stream_subscriber long-polling): the request waits for
+# the next message on its channels and gets it as a 200 (header template, message,
+# footer template; JSONP with ?callback=), or a 304 with Etag W/0 at
+# push_stream_longpolling_connection_ttl; a waiting request that is dropped leaves its
+# channels.
+
+use warnings;
+use strict;
+
+use IO::Select;
+use IO::Socket::INET;
+use Test::More;
+use Time::HiRes qw/ sleep time /;
+
+BEGIN { use FindBin; chdir($FindBin::Bin); }
+
+BEGIN { push @INC, "$FindBin::Bin/lib"; }
+use Test::Nginx;
+use PgPush qw/ publish /;
+use PgPush::PG;
+
+###############################################################################
+
+select STDERR; $| = 1;
+select STDOUT; $| = 1;
+
+my $t = Test::Nginx->new()->has(qw/http/)->plan(15);
+
+my $pg = PgPush::PG->start();
+my $conninfo = $pg->conninfo;
+
+$t->write_file_expand('nginx.conf', <<"EOF");
+
+%%TEST_GLOBALS%%
+
+daemon off;
+worker_processes 1;
+
+events {
+}
+
+http {
+    %%TEST_GLOBALS_HTTP%%
+
+    push_stream_postgres "$conninfo";
+
+    server {
+        listen       127.0.0.1:8080;
+        server_name  localhost;
+
+        location /lp {
+            default_type text/plain;
+            push_stream_subscriber long-polling;
+            push_stream_channels_path \$arg_id;
+            push_stream_header_template "<";
+            push_stream_footer_template ">";
+            push_stream_longpolling_connection_ttl 1s;
+        }
+
+        location /pub {
+            push_stream_publisher;
+            push_stream_channels_path \$arg_id;
+        }
+    }
+}
+
+EOF
+
+$t->run();
+ok($pg->wait_sessions(1), 'side connection');
+
+# Sends a GET and returns the socket; read_all() reads the whole response.
+sub start_get {
+	my ($path) = @_;
+	my $s = IO::Socket::INET->new(Proto => 'tcp', PeerAddr => '127.0.0.1:' . port(8080))
+		or die "connect: $!\n";
+	$s->syswrite("GET $path HTTP/1.0\r\nHost: localhost\r\n\r\n");
+	return $s;
+}
+
+sub read_all {
+	my ($s, $timeout) = @_;
+	my $buf = '';
+	my $end = time + ($timeout // 3);
+	while (time < $end) {
+		last unless IO::Select->new($s)->can_read($end - time);
+		my $n = $s->sysread($buf, 65536, length $buf);
+		last unless $n;
+	}
+	return $buf;
+}
+
+###############################################################################
+
+my $s = start_get('/lp?id=news');
+sleep(0.3);
+publish('news', 'hello');
+my $r = read_all($s);
+like($r, qr/^HTTP\/1\.1 200 OK/, 'a waiting request is answered by the next message');
+like($r, qr/\r\n\r\n<hello>\z/, 'with the header and footer templates');
+like($r, qr/^Etag: W\/0\r$/m, 'Etag');
+like($r, qr/^Last-Modified: \w{3}, /m, 'Last-Modified');
+like($r, qr/^Content-Type: text\/plain\r$/m, "the location's content type");
+
+$s = start_get('/lp?id=news&callback=cb');
+sleep(0.3);
+publish('news', '"x"');
+$r = read_all($s);
+like($r, qr/\r\n\r\n<cb\(\["x"\]\);>\z/, 'JSONP with ?callback=');
+like($r, qr/^Content-Type: application\/javascript\r$/m, 'as application/javascript');
+
+$s = start_get('/lp?id=quiet');
+my $t0 = time;
+$r = read_all($s, 4);
+like($r, qr/^HTTP\/1\.1 304/, 'nothing within the ttl: 304');
+cmp_ok(time - $t0, '<', 3, 'at the ttl');
+
+like(http(<<EOR), qr/^HTTP\/1\.1 405.*^Allow: GET/ms, 'POST: 405');
+POST /lp?id=x HTTP/1.0
+Host: localhost
+Content-Length: 1
+
+x
+EOR
+
+# a dropped waiting request leaves its channel: the worker UNLISTENs
+$s = start_get('/lp?id=gone');
+sleep(0.3);
+close $s;
+ok($pg->wait_query(qr/UNLISTEN "gone"/, 1), 'a dropped request leaves its channel');
+
+# push_stream_timeout_with_body on: the timeout is a 200 with push-stream's message -3
+
+my $t2 = Test::Nginx->new();
+$t2->write_file_expand('nginx.conf', <<"EOF");
+
+%%TEST_GLOBALS%%
+
+daemon off;
+worker_processes 1;
+
+events {
+}
+
+http {
+    %%TEST_GLOBALS_HTTP%%
+
+    push_stream_postgres "$conninfo";
+    push_stream_timeout_with_body on;
+
+    server {
+        listen       127.0.0.1:8081;
+        server_name  localhost;
+
+        location /lp {
+            push_stream_subscriber long-polling;
+            push_stream_channels_path \$arg_id;
+            push_stream_message_template "~id~:~text~";
+            push_stream_longpolling_connection_ttl 1s;
+        }
+    }
+}
+
+EOF
+$t2->run();
+my $s2 = IO::Socket::INET->new(Proto => 'tcp', PeerAddr => '127.0.0.1:' . port(8081))
+	or die "connect: $!\n";
+$s2->syswrite("GET /lp?id=quiet HTTP/1.0\r\nHost: localhost\r\n\r\n");
+$r = read_all($s2, 4);
+like($r, qr/^HTTP\/1\.1 200.*\r\n\r\n-3:Timed out\z/s, 'timeout_with_body: 200 with the message -3');
+$t2->stop();
+
+###############################################################################
