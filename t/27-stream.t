@@ -28,7 +28,7 @@ use PgPush::PG;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(23);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(30);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -71,6 +71,18 @@ http {
         location /pub {
             push_stream_publisher;
             push_stream_channels_path \$arg_id;
+        }
+
+        location /cors {
+            push_stream_subscriber eventsource;
+            push_stream_channels_path \$arg_id;
+            push_stream_allowed_origins \$arg_domain;
+        }
+
+        location /corspub {
+            push_stream_publisher;
+            push_stream_channels_path \$arg_id;
+            push_stream_allowed_origins "*";
         }
     }
 }
@@ -202,6 +214,20 @@ x
 EOR
 like(http_get('/st?id='), qr/^HTTP\/1\.1 400.*X-Nginx-PushStream-Explain: No channel id provided\./ms,
 	'no channel: 400 explained');
+# CORS with push_stream_allowed_origins (a value with variables), OPTIONS answered
+my $c = open_stream('/cors?id=c&domain=example.org');
+like($c->{head}, qr/^Access-Control-Allow-Origin: example\.org\r?$/mi, 'CORS: allowed origin');
+like($c->{head}, qr/^Access-Control-Allow-Methods: GET\r?$/mi, 'CORS: methods of a subscriber');
+like($c->{head}, qr/^Access-Control-Allow-Headers: If-Modified-Since,If-None-Match,Etag,Event-Id,Event-Type,Last-Event-Id\r?$/mi,
+	'CORS: headers');
+unlike(open_stream('/es?id=c2')->{head}, qr/Access-Control/i, 'no CORS headers without the directive');
+like(http("OPTIONS /cors?id=c&domain=x HTTP/1.0\r\nHost: localhost\r\n\r\n"),
+	qr/^HTTP\/1\.1 200.*^Access-Control-Allow-Origin: x\r$/ms, 'OPTIONS to a subscriber: 200 with CORS');
+my $p = http("OPTIONS /corspub?id=c HTTP/1.0\r\nHost: localhost\r\n\r\n");
+like($p, qr/^HTTP\/1\.1 200.*^Access-Control-Allow-Methods: GET, POST, PUT\r$/ms,
+	'OPTIONS to a publisher: 200 with its methods');
+like($p, qr/^Cache-Control: no-cache, no-store, must-revalidate\r$/m, 'publisher answers are never cached');
+
 like(http_get('/es?id=ALL'), qr/^HTTP\/1\.1 403.*X-Nginx-PushStream-Explain: Channel id not authorized/ms,
 	'ALL: 403 explained');
 

@@ -71,6 +71,36 @@ pub fn cycle_main_conf() -> Option<&'static MainConf> {
     HttpPgPushModule::main_conf(cycle)
 }
 
+/// The headers push-stream lets a browser send across origins.
+pub const CORS_HEADERS: &str =
+    "If-Modified-Since,If-None-Match,Etag,Event-Id,Event-Type,Last-Event-Id";
+
+/// `push_stream_allowed_origins`: when it evaluates to a value, the CORS headers for these
+/// methods are added to the response, and the value is returned (for heads written by
+/// hand). `Err` if a header could not be added.
+pub fn cors(r: &mut ngx_http_request_t, methods: &str) -> Result<Option<String>, ()> {
+    let Some(origin) = allowed_origin(r) else {
+        return Ok(None);
+    };
+    header_out(r, "Access-Control-Allow-Origin", &origin)?;
+    header_out(r, "Access-Control-Allow-Methods", methods)?;
+    header_out(r, "Access-Control-Allow-Headers", CORS_HEADERS)?;
+    Ok(Some(origin))
+}
+
+/// What `push_stream_allowed_origins` evaluates to for this request, if anything.
+pub fn allowed_origin(r: &mut ngx_http_request_t) -> Option<String> {
+    let cv = loc_conf(r).allowed_origins;
+    let origin = complex_value(r, cv).filter(|v| !v.is_empty())?;
+    Some(String::from_utf8_lossy(&origin).into_owned())
+}
+
+/// push-stream's headers that keep every answer out of caches.
+pub fn no_cache(r: &mut ngx_http_request_t) -> Result<(), ()> {
+    header_out(r, "Expires", "Thu, 01 Jan 1970 00:00:01 GMT")?;
+    header_out(r, "Cache-Control", "no-cache, no-store, must-revalidate")
+}
+
 /// A header-only answer with this status.
 pub fn send_header_only(r: &mut ngx_http_request_t, status: u32) -> ngx_int_t {
     r.headers_out.status = status as _;

@@ -24,7 +24,12 @@ use crate::protocol::payload::{self, Meta, MAX_PAYLOAD};
 pub extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx passes the request being processed
     let r = unsafe { &mut *r };
+    // as push-stream: no-cache headers, then CORS, then OPTIONS
+    if http::no_cache(r).is_err() || http::cors(r, "GET, POST, PUT").is_err() {
+        return ERROR;
+    }
     match r.method as u32 {
+        nginx_sys::NGX_HTTP_OPTIONS => http::send_header_only(r, nginx_sys::NGX_HTTP_OK),
         NGX_HTTP_POST | NGX_HTTP_PUT => {
             r.set_request_body_in_single_buf(1);
             // SAFETY: the request is in its content phase; on_body finalizes it

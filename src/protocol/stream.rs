@@ -9,12 +9,23 @@
 
 use crate::protocol::template::{Template, Values};
 
-/// The response head of a stream: `200`, the content type, chunked, never cached.
-pub fn response_head(content_type: &str, chunked: bool) -> Vec<u8> {
+/// The headers push-stream lets a browser send across origins.
+const CORS_HEADERS: &str = "If-Modified-Since,If-None-Match,Etag,Event-Id,Event-Type,Last-Event-Id";
+
+/// The response head of a stream: `200`, the content type, chunked, never cached; the
+/// CORS headers when an origin is allowed.
+pub fn response_head(content_type: &str, chunked: bool, origin: Option<&str>) -> Vec<u8> {
     let mut h = Vec::with_capacity(200);
     h.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Type: ");
     h.extend_from_slice(content_type.as_bytes());
     h.extend_from_slice(b"\r\n");
+    if let Some(o) = origin {
+        let cors = format!(
+            "Access-Control-Allow-Origin: {o}\r\nAccess-Control-Allow-Methods: GET\r\n\
+             Access-Control-Allow-Headers: {CORS_HEADERS}\r\n"
+        );
+        h.extend_from_slice(cors.as_bytes());
+    }
     if chunked {
         h.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
     }
@@ -170,7 +181,7 @@ mod tests {
 
     #[test]
     fn heads() {
-        let h = response_head("text/event-stream; charset=utf-8", true);
+        let h = response_head("text/event-stream; charset=utf-8", true, Some("*"));
         let h = String::from_utf8(h).unwrap();
         assert!(
             h.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n")
@@ -178,7 +189,10 @@ mod tests {
         assert!(h.contains("Transfer-Encoding: chunked\r\n"));
         assert!(h.contains("Cache-Control: no-cache, no-store, must-revalidate\r\n"));
         assert!(h.ends_with("\r\n\r\n"));
-        assert!(!String::from_utf8(response_head("text/plain", false))
+        assert!(
+            h.contains("Access-Control-Allow-Origin: *\r\nAccess-Control-Allow-Methods: GET\r\n")
+        );
+        assert!(!String::from_utf8(response_head("text/plain", false, None))
             .unwrap()
             .contains("chunked"));
     }

@@ -189,7 +189,7 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 48] = [
     any_if!("push_stream_last_event_id", T1, last_event_id, Complex, NOT_YET),
     any!("push_stream_user_agent", T1, user_agent, Complex, NOT_YET),
     any!("push_stream_padding_by_user_agent", T1, padding_by_user_agent, Custom(set_padding_by_user_agent), NOT_YET),
-    any!("push_stream_allowed_origins", T1, allowed_origins, Complex, NOT_YET),
+    any!("push_stream_allowed_origins", T1, allowed_origins, Complex, READY),
     any_if!("push_stream_allow_connections_to_events_channel", T1, allow_connections_to_events_channel, Flag, NOT_YET),
 
     /* the fork's hooks: a subrequest to this URI on each event */

@@ -492,7 +492,9 @@ impl Subscriber {
                     unsafe { nginx_sys::ngx_http_set_content_type(r) };
                     String::from_utf8_lossy(r.headers_out.content_type.as_bytes()).into_owned()
                 };
-                self.out.push(Rc::from(stream::response_head(&content_type, chunked)));
+                let origin = http::allowed_origin(r);
+                let head = stream::response_head(&content_type, chunked, origin.as_deref());
+                self.out.push(Rc::from(head));
             }
         }
         self.state = State::Open;

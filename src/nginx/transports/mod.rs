@@ -14,7 +14,17 @@ use crate::nginx::http;
 pub extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx passes the request being processed
     let r = unsafe { &mut *r };
-    let result = match http::loc_conf(r).subscriber {
+    let mode = http::loc_conf(r).subscriber;
+    if mode != Some(SubscriberMode::WebSocket) {
+        // as push-stream: CORS, and OPTIONS answered before anything else
+        if http::cors(r, "GET").is_err() {
+            return nginx_sys::NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+        }
+        if r.method == nginx_sys::NGX_HTTP_OPTIONS as usize {
+            return http::send_header_only(r, nginx_sys::NGX_HTTP_OK);
+        }
+    }
+    let result = match mode {
         Some(SubscriberMode::WebSocket) => connection::subscribe(r, None),
         Some(SubscriberMode::Streaming) => connection::subscribe(r, Some(false)),
         Some(SubscriberMode::EventSource) => connection::subscribe(r, Some(true)),
