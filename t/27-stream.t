@@ -28,7 +28,7 @@ use PgPush::PG;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(30);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(31);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -91,6 +91,7 @@ EOF
 
 $t->run();
 ok($pg->wait_sessions(2), 'two side connections');
+unlike($t->read_file('error.log'), qr/has no effect/, 'allowed_origins and the stream modes have their effect');
 
 ###############################################################################
 

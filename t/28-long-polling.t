@@ -26,7 +26,7 @@ use PgPush::PG;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(15);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(17);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -70,6 +70,7 @@ EOF
 
 $t->run();
 ok($pg->wait_sessions(1), 'side connection');
+unlike($t->read_file('error.log'), qr/has no effect/, 'long-polling and its ttl have their effect');
 
 # Sends a GET and returns the socket; read_all() reads the whole response.
 sub start_get {
@@ -170,6 +171,7 @@ my $s2 = IO::Socket::INET->new(Proto => 'tcp', PeerAddr => '127.0.0.1:' . port(8
 $s2->syswrite("GET /lp?id=quiet HTTP/1.0\r\nHost: localhost\r\n\r\n");
 $r = read_all($s2, 4);
 like($r, qr/^HTTP\/1\.1 200.*\r\n\r\n-3:Timed out\z/s, 'timeout_with_body: 200 with the message -3');
+unlike($t2->read_file('error.log'), qr/has no effect/, 'push_stream_timeout_with_body has its effect');
 $t2->stop();
 
 ###############################################################################

@@ -9,6 +9,7 @@ use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf};
 
 use crate::nginx::conf::{LocConf, MainConf};
 use crate::nginx::HttpPgPushModule;
+use crate::protocol::channels::Limits;
 
 pub const OK: ngx_int_t = nginx_sys::NGX_OK as ngx_int_t;
 pub const ERROR: ngx_int_t = nginx_sys::NGX_ERROR as ngx_int_t;
@@ -62,6 +63,19 @@ pub fn complex_value(
         return None;
     }
     Some(v.as_bytes().to_vec())
+}
+
+/// The request's channels path (`push_stream_channels_path`, evaluated) and the limits
+/// every channel id of it must meet.
+pub fn channels_path(r: &mut ngx_http_request_t) -> (Vec<u8>, Limits<'static>) {
+    let lcf = loc_conf(r);
+    let mcf = main_conf(r);
+    let path = complex_value(r, lcf.channels_path).unwrap_or_default();
+    let limits = Limits {
+        max_id_length: MainConf::limit(mcf.max_channel_id_length),
+        pg_prefix: mcf.channel_prefix(),
+    };
+    (path, limits)
 }
 
 /// The module's main configuration, without a request (from the worker's cycle).

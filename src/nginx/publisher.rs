@@ -15,10 +15,9 @@ use nginx_sys::{
 };
 
 use crate::config::values::PG_MAX_IDENTIFIER;
-use crate::nginx::conf::MainConf;
 use crate::nginx::http::{self, finalize, DONE, ERROR, OK};
 use crate::nginx::{lifecycle, worker};
-use crate::protocol::channels::{self, Limits};
+use crate::protocol::channels;
 use crate::protocol::payload::{self, Meta, MAX_PAYLOAD};
 
 pub extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
@@ -71,14 +70,9 @@ extern "C" fn on_body(r: *mut ngx_http_request_t) {
 
 /// The channel of the request: (PostgreSQL name, id), or the answer already sent.
 fn channel(r: &mut ngx_http_request_t) -> Result<(String, String), ngx_int_t> {
-    let lcf = http::loc_conf(r);
-    let mcf = http::main_conf(r);
-    let prefix = mcf.channel_prefix();
-    let value = http::complex_value(r, lcf.channels_path).unwrap_or_default();
-    let limits =
-        Limits { max_id_length: MainConf::limit(mcf.max_channel_id_length), pg_prefix: prefix };
+    let (value, limits) = http::channels_path(r);
     match channels::check_id(&channels::unescape(&value), limits) {
-        Ok(id) => Ok((channels::pg_channel(prefix, &id), id)),
+        Ok(id) => Ok((channels::pg_channel(limits.pg_prefix, &id), id)),
         Err(e) => Err(http::send_explain(r, e.status().into(), &e.to_string())),
     }
 }

@@ -60,6 +60,11 @@ pub fn wrap_text_with(text: &str, meta: &Meta) -> String {
     if meta.is_empty() {
         return wrap_text(text);
     }
+    meta_envelope(meta, "t", text.into())
+}
+
+/// `ESC 'm'` and the JSON object: the metadata, and the message under `key`.
+fn meta_envelope(meta: &Meta, key: &str, message: serde_json::Value) -> String {
     let mut o = serde_json::Map::new();
     if let Some(i) = &meta.event_id {
         o.insert("i".into(), i.as_str().into());
@@ -67,7 +72,7 @@ pub fn wrap_text_with(text: &str, meta: &Meta) -> String {
     if let Some(y) = &meta.event_type {
         o.insert("y".into(), y.as_str().into());
     }
-    o.insert("t".into(), text.into());
+    o.insert(key.into(), message);
     let mut s = String::from("\u{1b}m");
     s.push_str(&serde_json::Value::Object(o).to_string());
     s
@@ -78,17 +83,7 @@ pub fn wrap_binary_with(data: &[u8], meta: &Meta) -> String {
     if meta.is_empty() {
         return wrap_binary(data);
     }
-    let mut o = serde_json::Map::new();
-    if let Some(i) = &meta.event_id {
-        o.insert("i".into(), i.as_str().into());
-    }
-    if let Some(y) = &meta.event_type {
-        o.insert("y".into(), y.as_str().into());
-    }
-    o.insert("b".into(), STANDARD.encode(data).into());
-    let mut s = String::from("\u{1b}m");
-    s.push_str(&serde_json::Value::Object(o).to_string());
-    s
+    meta_envelope(meta, "b", STANDARD.encode(data).into())
 }
 
 /// The message a NOTIFY payload carries, with its event id and type.

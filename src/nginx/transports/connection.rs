@@ -35,14 +35,14 @@ use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 use tungstenite::Message;
 
-use crate::nginx::conf::{LocConf, MainConf};
+use crate::nginx::conf::LocConf;
 use crate::nginx::hooks;
 use crate::nginx::http::{self, finalize, DONE, ERROR, OK};
 use crate::nginx::lifecycle::{self, Encoding, SubKey, Subscription, Transport};
 use crate::nginx::worker;
 use crate::nginx::HttpPgPushModule;
 use crate::postgres::cells::Reply;
-use crate::protocol::channels::{self, Limits};
+use crate::protocol::channels;
 use crate::protocol::payload::{self, MAX_PAYLOAD};
 use crate::protocol::stream;
 use crate::protocol::template::Values;
@@ -171,14 +171,9 @@ pub fn subscribe(r: &mut ngx_http_request_t, stream: Option<bool>) -> Result<ngx
 pub(super) fn path_channels(
     r: &mut ngx_http_request_t,
 ) -> Result<Vec<String>, channels::ChannelError> {
-    let lcf = http::loc_conf(r);
-    let mcf = http::main_conf(r);
-    let prefix = mcf.channel_prefix();
-    let path = http::complex_value(r, lcf.channels_path).unwrap_or_default();
-    let limits =
-        Limits { max_id_length: MainConf::limit(mcf.max_channel_id_length), pg_prefix: prefix };
+    let (path, limits) = http::channels_path(r);
     let list = channels::parse_path(&path, limits)?;
-    Ok(list.iter().map(|c| channels::pg_channel(prefix, &c.id)).collect())
+    Ok(list.iter().map(|c| channels::pg_channel(limits.pg_prefix, &c.id)).collect())
 }
 
 /// `streaming` and `eventsource`: channel errors are plain HTTP answers.
