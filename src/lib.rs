@@ -6,6 +6,7 @@
 //! - `nginx`: the module, directives and lifecycle (tested by `t/` against real nginx).
 
 pub mod config;
+pub mod counters;
 pub mod hub;
 pub mod postgres;
 pub mod protocol;

@@ -143,10 +143,12 @@ http {
 
         location /stats {
             push_stream_channels_statistics;
+            push_stream_store_messages on;
         }
 
         location /stats2 {
             push_stream_channels_statistics;
+            push_stream_store_messages on;
         }
     }
 }
@@ -158,7 +160,7 @@ $t->run();
 like(http_get('/'), qr/200 OK.*plain/s, 'module loaded, nginx serves');
 
 my $log = $t->read_file('error.log');
-my @warn = $log =~ /"push_stream_channels_statistics" has no effect yet/g;
+my @warn = $log =~ /"push_stream_store_messages" has no effect yet/g;
 is(scalar @warn, 1, 'a directive not built yet is warned about once');
 unlike($log, qr/\[(emerg|crit)\]/, 'no emerg or crit at startup');
 unlike($log, qr/hunter2|password=[^*]/, 'no secret in the log');

@@ -101,6 +101,6 @@ ok($ws->eof(3), 'connection closed');
 $ws = PgPush::WS->connect('/ws?id=tls', port => 8081, ssl => 1);
 undef $ws;
 publish('tls', 'nobody');
-like(http_get('/pub?id=tls'), qr/^HTTP\/1\.1 404/, 'the subscriber that vanished is gone');
+like(http_get('/pub?id=tls'), qr/"subscribers": 0\}/, 'the subscriber that vanished is gone');
 
 ###############################################################################

@@ -87,7 +87,7 @@ unlike($t->read_file('error.log'), qr/has no effect/, 'allow_publish is not repo
 
 my $sender = PgPush::WS->connect('/ws?id=room');
 is($sender->{status}, 101, 'sender subscribed');
-my @others = map { PgPush::WS->connect('/ws?id=room') } 1 .. 4;
+my @others = map { PgPush::WS->connect('/ws?id=room') } 1 .. 10;   # both workers get some: 2^-10 odds otherwise
 my $far = PgPush::WS->connect('/ws?id=room', port => 8081);
 is($far->{status}, 101, 'subscriber on the other node');
 ok($pg->wait_query(qr/LISTEN "room"/, 3), 'every worker of both nodes listens');

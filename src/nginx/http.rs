@@ -78,6 +78,18 @@ pub fn channels_path(r: &mut ngx_http_request_t) -> (Vec<u8>, Limits<'static>) {
     (path, limits)
 }
 
+/// The node-wide limits on channels; `subscriber` adds the location's
+/// `push_stream_authorized_channels_only` and the subscribers limit.
+pub fn counter_limits(r: &ngx_http_request_t, subscriber: bool) -> crate::counters::Limits {
+    let mcf = main_conf(r);
+    crate::counters::Limits {
+        max_channels: MainConf::limit(mcf.max_number_of_channels),
+        max_wildcard_channels: MainConf::limit(mcf.max_number_of_wildcard_channels),
+        max_subscribers: MainConf::limit(mcf.max_subscribers_per_channel).filter(|_| subscriber),
+        existing_only: subscriber && loc_conf(r).authorized_channels_only != 0,
+    }
+}
+
 /// The module's main configuration, without a request (from the worker's cycle).
 pub fn cycle_main_conf() -> Option<&'static MainConf> {
     // SAFETY: ngx_cycle is set in every process that runs handlers

@@ -30,7 +30,7 @@ use nginx_sys::ngx_http_request_t;
 use crate::hub::{Hub, ListenChange, Slot};
 use crate::nginx::conf::LocConf;
 use crate::nginx::hooks::{self, Hooks};
-use crate::nginx::{http, worker};
+use crate::nginx::{http, worker, zone};
 use crate::postgres::cells::Reply;
 use crate::protocol::payload;
 use crate::protocol::template::Values;
@@ -66,6 +66,9 @@ pub trait Transport {
 
     /// What a publish hook sent back, for this client only. May finalize.
     fn reply(&mut self, rows: Vec<Reply>);
+
+    /// Its last channel was deleted: end the response as at its ttl. May finalize.
+    fn finish(&mut self);
 }
 
 /// Identifies how a message is encoded: the transport kind and its location's template.
@@ -184,7 +187,11 @@ fn with<R>(f: impl FnOnce(&mut Registry) -> R) -> Option<R> {
 pub fn join(key: SubKey) -> usize {
     // SAFETY: the caller just made the key of a live transport
     let sub = unsafe { key.get() }.subscription();
-    let postgres = worker::with(|w| w.has_postgres()).unwrap_or(false);
+    let (postgres, prefix) =
+        worker::with(|w| (w.has_postgres(), w.prefix.len())).unwrap_or((false, 0));
+    for (channel, _) in sub.channels.iter() {
+        zone::join(id_of(channel, prefix).as_bytes());
+    }
     let mut listen = Vec::new();
     let waiting = with(|reg| {
         let mut waiting = 0;
@@ -222,8 +229,11 @@ pub fn leave(key: SubKey) {
     // SAFETY: called by the transport's cleanup, before it is freed
     let sub = unsafe { key.get() }.subscription();
     let channels = std::mem::take(&mut sub.channels);
+    let prefix = worker::with(|w| w.prefix.len()).unwrap_or(0);
+    for (channel, _) in channels.iter() {
+        zone::leave(id_of(channel, prefix).as_bytes());
+    }
     if let Some(h) = sub.hooks.take() {
-        let prefix = worker::with(|w| w.prefix.len()).unwrap_or(0);
         let ids: Vec<&str> = channels.iter().map(|(c, _)| id_of(c, prefix)).collect();
         hooks::left(*h, &ids);
     }
@@ -305,24 +315,64 @@ pub fn listening(channels: &[String]) {
     }
 }
 
-/// Messages received and subscribers of a channel in this worker.
-pub fn info(channel: &str) -> (u64, usize) {
-    with(|reg| reg.hub.info(channel)).unwrap_or_default()
-}
+/// push-stream's id of the message that tells a channel was deleted.
+pub const DELETED_ID: i64 = -2;
 
 /// A NOTIFY arrived: every subscriber of `channel` in this worker gets it.
 pub fn deliver(channel: &str, payload: &str) {
+    let prefix_len = worker::with(|w| w.prefix.len()).unwrap_or(0);
+    let id = channel.get(prefix_len..).unwrap_or(channel);
+    if let Some(text) = payload::deleted_text(payload) {
+        return deleted(channel, id, &text);
+    }
     let Some((n, keys)) = with(|reg| reg.hub.message(channel)).flatten() else {
         return;
     };
-    let prefix_len = worker::with(|w| w.prefix.len()).unwrap_or(0);
-    let id = channel.get(prefix_len..).unwrap_or(channel);
     let (message, meta) = payload::unwrap_with_meta(payload);
     let (text, binary) = (message.bytes(), message.is_binary());
     let event_id = meta.event_id.as_deref().unwrap_or_default();
     let event_type = meta.event_type.as_deref().unwrap_or_default();
     let values = Values { text, binary, channel: id, id: n as i64, event_id, event_type, ..now() };
     fan_out(&keys, &values);
+}
+
+/// An admin deleted the channel: its subscribers get the deleted message and leave it;
+/// those left without a channel end as at their ttl.
+fn deleted(channel: &str, id: &str, text: &[u8]) {
+    let keys = with(|reg| reg.hub.subscribers(channel)).unwrap_or_default();
+    if keys.is_empty() {
+        return;
+    }
+    fan_out(&keys, &Values { text, channel: id, id: DELETED_ID, ..now() });
+    let mut unlisten = None;
+    let mut finished = Vec::new();
+    for &key in &keys {
+        // SAFETY: keys listed in the hub are live
+        let sub = unsafe { key.get() }.subscription();
+        let Some(k) = sub.channels.iter().position(|(c, _)| &**c == channel) else {
+            continue;
+        };
+        let mut kept = std::mem::take(&mut sub.channels).into_vec();
+        let (_, slot) = kept.remove(k);
+        sub.channels = kept.into_boxed_slice();
+        zone::leave(id.as_bytes());
+        with(|reg| {
+            if let ListenChange::Unlisten(ch) = reg.hub.unsubscribe(channel, slot, key) {
+                unlisten = Some(ch);
+            }
+        });
+        if sub.channels.is_empty() {
+            finished.push(key);
+        }
+    }
+    if let Some(ch) = unlisten {
+        worker::with(|w| w.unlisten(ch));
+    }
+    settle();
+    for key in finished {
+        // SAFETY: still live: only its own finish may free it, and each key is once here
+        unsafe { key.get() }.finish();
+    }
 }
 
 /// The side connection came back: notifications sent while it was down are lost, and every

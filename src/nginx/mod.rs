@@ -22,8 +22,10 @@ mod hooks;
 mod http;
 mod lifecycle;
 mod publisher;
+mod stats;
 mod transports;
 mod worker;
+mod zone;
 
 use core::ffi::{c_char, c_void};
 use core::ptr;
@@ -86,10 +88,13 @@ impl HttpModule for HttpPgPushModule {
         unsafe { &*ptr::addr_of!(ngx_http_pgpush_module) }
     }
 
-    unsafe extern "C" fn init_main_conf(_cf: *mut ngx_conf_t, conf: *mut c_void) -> *mut c_char {
-        // SAFETY: conf is the MainConf created by create_main_conf
-        let mcf = unsafe { &mut *conf.cast::<MainConf>() };
+    unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) -> *mut c_char {
+        // SAFETY: conf is the MainConf created by create_main_conf; cf is being parsed
+        let (cf, mcf) = unsafe { (&mut *cf, &mut *conf.cast::<MainConf>()) };
         mcf.init();
+        if mcf.has_push_locations && zone::add(cf, mcf).is_err() {
+            return NGX_CONF_ERROR;
+        }
         NGX_CONF_OK
     }
 
@@ -122,6 +127,8 @@ fn set_handler(cf: &mut ngx_conf_t, lcf: &LocConf) -> *mut c_char {
         Some(transports::handler)
     } else if lcf.publisher.is_some() {
         Some(publisher::handler)
+    } else if lcf.channels_statistics {
+        Some(stats::handler)
     } else {
         return NGX_CONF_OK;
     };

@@ -8,79 +8,116 @@
 
 use core::ffi::c_void;
 use core::ptr;
+use std::cell::RefCell;
+use std::rc::Rc;
 
 use nginx_sys::{
     ngx_http_request_t, ngx_int_t, NGX_HTTP_GET, NGX_HTTP_POST, NGX_HTTP_PUT,
     NGX_HTTP_SPECIAL_RESPONSE,
 };
 
-use crate::config::values::PG_MAX_IDENTIFIER;
+use crate::config::values::{PublisherMode, PG_MAX_IDENTIFIER};
+use crate::counters::{Info, Refusal};
 use crate::nginx::http::{self, finalize, DONE, ERROR, OK};
-use crate::nginx::{lifecycle, worker};
+use crate::nginx::{lifecycle, stats, worker, zone};
 use crate::protocol::channels;
 use crate::protocol::payload::{self, Meta, MAX_PAYLOAD};
 
 pub extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx passes the request being processed
     let r = unsafe { &mut *r };
+    let admin = http::loc_conf(r).publisher == Some(PublisherMode::Admin);
+    let allow = if admin { "GET, POST, PUT, DELETE" } else { "GET, POST, PUT" };
     // as push-stream: no-cache headers, then CORS, then OPTIONS
-    if http::no_cache(r).is_err() || http::cors(r, "GET, POST, PUT").is_err() {
+    if http::no_cache(r).is_err() || http::cors(r, allow).is_err() {
         return ERROR;
     }
-    match r.method as u32 {
-        nginx_sys::NGX_HTTP_OPTIONS => http::send_header_only(r, nginx_sys::NGX_HTTP_OK),
-        NGX_HTTP_POST | NGX_HTTP_PUT => {
-            r.set_request_body_in_single_buf(1);
-            // SAFETY: the request is in its content phase; on_body finalizes it
-            let rc = unsafe { nginx_sys::ngx_http_read_client_request_body(r, Some(on_body)) };
-            if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {
-                return rc;
-            }
-            DONE
-        }
-        NGX_HTTP_GET => {
-            // SAFETY: as above
-            let rc = unsafe { nginx_sys::ngx_http_discard_request_body(r) };
-            if rc != OK {
-                return rc;
-            }
-            match channel(r) {
-                Ok((pg, id)) => {
-                    let (_, subscribers) = lifecycle::info(&pg);
-                    if subscribers == 0 {
-                        return http::send_explain(r, 404, "Channel not found.");
-                    }
-                    send_info(r, &pg, &id)
-                }
-                Err(rc) => rc,
-            }
-        }
-        _ => http::send_not_allowed(r, "GET, POST, PUT"),
+    let method = r.method as u32;
+    let publish = method == NGX_HTTP_POST || method == NGX_HTTP_PUT;
+    let delete = method == nginx_sys::NGX_HTTP_DELETE;
+    match method {
+        nginx_sys::NGX_HTTP_OPTIONS => return http::send_header_only(r, nginx_sys::NGX_HTTP_OK),
+        NGX_HTTP_POST | NGX_HTTP_PUT | NGX_HTTP_GET => {}
+        nginx_sys::NGX_HTTP_DELETE if admin => {}
+        _ => return http::send_not_allowed(r, allow),
     }
+    let ids = match channel_ids(r) {
+        Ok(ids) => ids,
+        Err(rc) => return rc,
+    };
+    if publish {
+        // push-stream creates the channels before it looks at the body
+        let limits = http::counter_limits(r, false);
+        for id in &ids {
+            if zone::touch(id.as_bytes(), &limits).is_err_and(|e| e != Refusal::Full) {
+                return refuse(r, 403, "Number of channels were exceeded.");
+            }
+        }
+    }
+    if publish || delete {
+        // a DELETE's body is the text its subscribers get
+        r.set_request_body_in_single_buf(1);
+        // SAFETY: the request is in its content phase; on_body finalizes it
+        let rc = unsafe { nginx_sys::ngx_http_read_client_request_body(r, Some(on_body)) };
+        if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {
+            return rc;
+        }
+        return DONE;
+    }
+    // SAFETY: as above
+    let rc = unsafe { nginx_sys::ngx_http_discard_request_body(r) };
+    if rc != OK {
+        return rc;
+    }
+    send_info(r, &ids, true)
+}
+
+/// An error answer that drops whatever body the client sent.
+fn refuse(r: &mut ngx_http_request_t, status: u32, explain: &str) -> ngx_int_t {
+    // SAFETY: the request is in its content phase
+    let rc = unsafe { nginx_sys::ngx_http_discard_request_body(r) };
+    if rc != OK {
+        return rc;
+    }
+    http::send_explain(r, status, explain)
 }
 
 extern "C" fn on_body(r: *mut ngx_http_request_t) {
     // SAFETY: nginx calls this once the body is read; the request is alive
     let req = unsafe { &mut *r };
-    if let Some(rc) = publish(req) {
+    let answer = if req.method == nginx_sys::NGX_HTTP_DELETE as usize {
+        Some(delete(req))
+    } else {
+        publish(req)
+    };
+    if let Some(rc) = answer {
         // SAFETY: the body handler owns the request's finalization
         unsafe { nginx_sys::ngx_http_finalize_request(r, rc) };
     }
 }
 
-/// The channel of the request: (PostgreSQL name, id), or the answer already sent.
-fn channel(r: &mut ngx_http_request_t) -> Result<(String, String), ngx_int_t> {
+/// The channel ids of the request's path (`a/b` is two), or the answer already sent.
+fn channel_ids(r: &mut ngx_http_request_t) -> Result<Vec<String>, ngx_int_t> {
     let (value, limits) = http::channels_path(r);
-    match channels::check_id(&channels::unescape(&value), limits) {
-        Ok(id) => Ok((channels::pg_channel(limits.pg_prefix, &id), id)),
-        Err(e) => Err(http::send_explain(r, e.status().into(), &e.to_string())),
+    match channels::parse_path(&value, limits) {
+        Ok(list) => Ok(list.into_iter().map(|c| c.id).collect()),
+        Err(e) => Err(refuse(r, e.status().into(), &e.to_string())),
     }
 }
 
-/// Publishes the body; `None` while PostgreSQL has the message.
+/// The publishes of one request still waiting for PostgreSQL.
+struct Pending {
+    r: *mut ngx_http_request_t,
+    ids: Vec<String>,
+    /// Publish ids (the worker's) still out.
+    out: Vec<u64>,
+    failed: Option<String>,
+}
+
+/// Publishes the body to every channel of the path; `None` while PostgreSQL has them.
 fn publish(r: &mut ngx_http_request_t) -> Option<ngx_int_t> {
-    let (pg, id) = match channel(r) {
-        Ok(c) => c,
+    let ids = match channel_ids(r) {
+        Ok(ids) => ids,
         Err(rc) => return Some(rc),
     };
     let body = match body(r) {
@@ -109,79 +146,144 @@ fn publish(r: &mut ngx_http_request_t) -> Option<ngx_int_t> {
         );
         return Some(http::send_explain(r, 413, &explain));
     }
-    debug_assert!(pg.len() <= PG_MAX_IDENTIFIER);
+    let prefix = http::main_conf(r).channel_prefix();
+    let pgs: Vec<String> = ids.iter().map(|id| channels::pg_channel(prefix, id)).collect();
+    debug_assert!(pgs.iter().all(|pg| pg.len() <= PG_MAX_IDENTIFIER));
+
+    if !worker::with(|w| w.has_postgres()).unwrap_or(false) {
+        // one worker, no PostgreSQL: deliver here and now
+        for (pg, id) in pgs.iter().zip(&ids) {
+            zone::published(id.as_bytes());
+            lifecycle::deliver(pg, &payload);
+        }
+        lifecycle::settle();
+        return Some(published(r, &ids));
+    }
 
     let rp = ptr::from_mut(r);
-    let Some(Some(pid)) = worker::with(|w| {
-        w.has_postgres().then(|| {
-            let done = {
-                let (pg, id) = (pg.clone(), id.clone());
-                Box::new(move |_, outcome: Result<(), &str>| answer(rp, &pg, &id, outcome))
-            };
-            w.publish(pg.clone(), payload.clone(), done)
-        })
-    }) else {
-        // one worker, no PostgreSQL: deliver here and now
-        lifecycle::deliver(&pg, &payload);
-        lifecycle::settle();
-        return Some(published(r, &pg, &id));
-    };
+    let pending = Rc::new(RefCell::new(Pending { r: rp, ids, out: Vec::new(), failed: None }));
+    for (k, pg) in pgs.into_iter().enumerate() {
+        let p = pending.clone();
+        let done = Box::new(move |pid, outcome: Result<(), &str>| answer(&p, k, pid, outcome));
+        let pid = worker::with(|w| w.publish(pg, payload.clone(), done))?;
+        pending.borrow_mut().out.push(pid);
+    }
 
-    // SAFETY: pool memory for the id, freed with the request
-    let cln = unsafe { nginx_sys::ngx_http_cleanup_add(r, core::mem::size_of::<u64>()) };
+    // SAFETY: pool memory for the shared state, freed with the request
+    let cln =
+        unsafe { nginx_sys::ngx_http_cleanup_add(r, core::mem::size_of::<Rc<RefCell<Pending>>>()) };
     if cln.is_null() {
-        worker::with(|w| w.take_publish(pid));
+        forget_all(&pending);
         return Some(ERROR);
     }
-    // SAFETY: data has room for a u64 (pool allocations are aligned)
+    // SAFETY: data has room for the Rc (pool allocations are aligned)
     unsafe {
-        (*cln).data.cast::<u64>().write(pid);
+        (*cln).data.cast::<Rc<RefCell<Pending>>>().write(pending);
         (*cln).handler = Some(forget);
     }
     None
 }
 
-/// The request went away before PostgreSQL answered.
-extern "C" fn forget(data: *mut c_void) {
-    // SAFETY: data holds the id written in publish()
-    let id = unsafe { data.cast::<u64>().read() };
-    worker::with(|w| w.take_publish(id));
+fn forget_all(pending: &Rc<RefCell<Pending>>) {
+    let out = std::mem::take(&mut pending.borrow_mut().out);
+    worker::with(|w| out.into_iter().for_each(|pid| drop(w.take_publish(pid))));
 }
 
-/// PostgreSQL answered this publish (or the worker is going away).
-fn answer(r: *mut ngx_http_request_t, pg: &str, id: &str, outcome: Result<(), &str>) {
-    // SAFETY: a waiting request is alive: its cleanup forgets the publish
-    let req = unsafe { &mut *r };
-    let rc = match outcome {
-        Err(why) => {
-            let explain = format!("Message not published: {why}.");
-            http::send_explain(req, 503, &explain)
+/// The request went away before PostgreSQL answered.
+extern "C" fn forget(data: *mut c_void) {
+    // SAFETY: data holds the Rc written in publish(), read once
+    let pending = unsafe { data.cast::<Rc<RefCell<Pending>>>().read() };
+    forget_all(&pending);
+}
+
+/// PostgreSQL answered one of the request's publishes (or the worker is going away); the
+/// client is answered once all have.
+fn answer(p: &Rc<RefCell<Pending>>, k: usize, pid: u64, outcome: Result<(), &str>) {
+    let (r, ids, failed) = {
+        let mut st = p.borrow_mut();
+        st.out.retain(|&x| x != pid);
+        match outcome {
+            Ok(()) => zone::published(st.ids[k].as_bytes()),
+            Err(why) => {
+                st.failed.get_or_insert_with(|| why.to_string());
+            }
         }
-        Ok(()) => published(req, pg, id),
+        if !st.out.is_empty() {
+            return;
+        }
+        (st.r, std::mem::take(&mut st.ids), st.failed.take())
+    };
+    // SAFETY: a waiting request is alive: its cleanup forgets the publishes
+    let req = unsafe { &mut *r };
+    let rc = match failed {
+        Some(why) => http::send_explain(req, 503, &format!("Message not published: {why}.")),
+        None => published(req, &ids),
     };
     finalize(r, rc);
 }
 
-/// The answer to a publish: the channel info, or a header-only 200 with
+/// The answer to a publish: the channels' info, or a header-only 200 with
 /// `push_stream_channel_info_on_publish off`.
-fn published(r: &mut ngx_http_request_t, pg: &str, id: &str) -> ngx_int_t {
+fn published(r: &mut ngx_http_request_t, ids: &[String]) -> ngx_int_t {
     if http::loc_conf(r).channel_info_on_publish == 0 {
         return http::send_header_only(r, nginx_sys::NGX_HTTP_OK);
     }
-    send_info(r, pg, id)
+    send_info(r, ids, false)
 }
 
-/// push-stream's channel info: `{"channel": "ID", "published_messages": N, ...}`.
-fn send_info(r: &mut ngx_http_request_t, pg: &str, id: &str) -> ngx_int_t {
-    let (messages, subscribers) = lifecycle::info(pg);
-    let body = format!(
-        "{{\"channel\": {}, \"published_messages\": {messages}, \"stored_messages\": 0, \
-         \"subscribers\": {subscribers}}}\r\n",
-        serde_json::Value::from(id)
-    );
-    http::send_body(r, 200, "application/json", body.as_bytes())
+/// push-stream's channel info: one channel's, or a group when the path names several;
+/// with `only_existing` (a GET), channels that do not exist are left out, and none is 404.
+fn send_info(r: &mut ngx_http_request_t, ids: &[String], only_existing: bool) -> ngx_int_t {
+    let infos: Vec<Info> = ids
+        .iter()
+        .filter_map(|id| {
+            let found = zone::info(id.as_bytes());
+            match found {
+                None if !only_existing => Some(Info {
+                    id: id.as_bytes().to_vec(),
+                    published: 0,
+                    subscribers: 0,
+                    wildcard: false,
+                }),
+                other => other,
+            }
+        })
+        .collect();
+    stats::send_infos(r, &infos, ids.len() > 1)
 }
 
+/// Admin `DELETE`: the channels' subscribers, on every worker and node, get the deleted
+/// message (the body, or `push_stream_channel_deleted_message_text`) and leave them.
+fn delete(r: &mut ngx_http_request_t) -> ngx_int_t {
+    let ids = match channel_ids(r) {
+        Ok(ids) => ids,
+        Err(rc) => return rc,
+    };
+    let Ok(body) = body(r) else { return ERROR };
+    let text = if body.is_empty() {
+        http::main_conf(r).channel_deleted_message_text.as_bytes().to_vec()
+    } else {
+        body
+    };
+    let existing: Vec<&String> = ids.iter().filter(|id| zone::delete(id.as_bytes())).collect();
+    if existing.is_empty() {
+        return http::send_header_only(r, nginx_sys::NGX_HTTP_NOT_FOUND);
+    }
+    let payload = payload::wrap_deleted(&text);
+    let prefix = http::main_conf(r).channel_prefix();
+    let postgres = worker::with(|w| w.has_postgres()).unwrap_or(false);
+    for id in existing {
+        let pg = channels::pg_channel(prefix, id);
+        if postgres {
+            // the answer does not wait: the channel is gone from this node's counts already
+            worker::with(|w| w.publish(pg, payload.clone(), Box::new(|_, _| {})));
+        } else {
+            lifecycle::deliver(&pg, &payload);
+        }
+    }
+    lifecycle::settle();
+    http::send_explain(r, 200, "Channel deleted.")
+}
 /// The request body, from memory or from nginx's temporary file.
 fn body(r: &ngx_http_request_t) -> Result<Vec<u8>, ()> {
     let mut out = Vec::new();

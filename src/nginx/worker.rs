@@ -141,6 +141,7 @@ pub fn start(cycle: &mut ngx_cycle_t, on_bridge: ngx_event_handler_pt) -> Result
     };
 
     let prefix = mcf.channel_prefix().to_string();
+    crate::nginx::zone::start(mcf, cycle.log, c.cast());
     WORKER.with(|w| {
         *w.borrow_mut() = Some(Worker {
             bridge,
@@ -159,6 +160,7 @@ pub fn start(cycle: &mut ngx_cycle_t, on_bridge: ngx_event_handler_pt) -> Result
 
 /// Stops the side thread (bounded) and closes the eventfd connection. Idempotent.
 pub fn stop() {
+    crate::nginx::zone::stop();
     let Some(mut w) = WORKER.with(|w| w.borrow_mut().take()) else {
         return;
     };

@@ -26,13 +26,25 @@ pub enum ChannelError {
     /// `ALL` and ids with `*` are push-stream's statistics wildcards.
     #[error("Channel id not authorized for this method.")]
     Reserved,
+    #[error("Subscribers limit per channel has been exceeded.")]
+    TooManySubscribers,
+    #[error("Subscriber could not create channels.")]
+    NotCreated,
+    #[error("Number of channels were exceeded.")]
+    TooManyChannels,
+    #[error("Subscribed too much wildcard channels.")]
+    TooManyWildcards,
 }
 
 impl ChannelError {
     /// The HTTP status push-stream answers with.
     pub fn status(&self) -> u16 {
         match self {
-            ChannelError::Reserved => 403,
+            ChannelError::Reserved
+            | ChannelError::TooManySubscribers
+            | ChannelError::NotCreated
+            | ChannelError::TooManyChannels
+            | ChannelError::TooManyWildcards => 403,
             _ => 400,
         }
     }

@@ -2,6 +2,7 @@
 //! message templates and the WebSocket handshake and frames.
 
 pub mod channels;
+pub mod info;
 pub mod payload;
 pub mod stream;
 pub mod template;

@@ -130,6 +130,18 @@ fn envelope(kind: u8, data: &[u8]) -> String {
     s
 }
 
+/// The NOTIFY payload that tells every worker an admin deleted the channel; `text` is
+/// what its subscribers get (push-stream's message id -2).
+pub fn wrap_deleted(text: &[u8]) -> String {
+    envelope(b'd', text)
+}
+
+/// The deleted message's text, if the payload is [`wrap_deleted`]'s.
+pub fn deleted_text(payload: &str) -> Option<Vec<u8>> {
+    let data = payload.strip_prefix("\u{1b}d")?;
+    STANDARD.decode(data).ok()
+}
+
 /// The message a NOTIFY payload carries.
 pub fn unwrap(payload: &str) -> Message<'_> {
     let raw = payload.as_bytes();
@@ -158,6 +170,14 @@ pub fn unwrap(payload: &str) -> Message<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deleted_round_trips() {
+        let p = wrap_deleted(b"Channel deleted");
+        assert_eq!(deleted_text(&p).as_deref(), Some(&b"Channel deleted"[..]));
+        assert_eq!(deleted_text("Channel deleted"), None);
+        assert_eq!(deleted_text(&wrap_binary(b"x")), None);
+    }
 
     #[test]
     fn plain_text_travels_as_itself() {

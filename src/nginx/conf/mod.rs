@@ -63,6 +63,8 @@ pub struct MainConf {
     pub has_sql_hooks: bool,
     /// Directives already warned about as having no effect yet (one line per name).
     pub(crate) warned: BTreeSet<&'static str>,
+    /// The counter zone ([`crate::nginx::zone`]), when some location uses the module.
+    pub zone: *mut nginx_sys::ngx_shm_zone_t,
 }
 
 impl Default for MainConf {
@@ -89,6 +91,7 @@ impl Default for MainConf {
             has_push_locations: false,
             has_sql_hooks: false,
             warned: BTreeSet::new(),
+            zone: ptr::null_mut(),
         }
     }
 }

@@ -35,14 +35,15 @@ use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 use tungstenite::Message;
 
-use crate::nginx::conf::LocConf;
+use crate::counters::Refusal;
+use crate::nginx::conf::{LocConf, MainConf};
 use crate::nginx::hooks;
 use crate::nginx::http::{self, finalize, DONE, ERROR, OK};
 use crate::nginx::lifecycle::{self, Encoding, SubKey, Subscription, Transport};
-use crate::nginx::worker;
 use crate::nginx::HttpPgPushModule;
+use crate::nginx::{worker, zone};
 use crate::postgres::cells::Reply;
-use crate::protocol::channels;
+use crate::protocol::channels::{self, ChannelError};
 use crate::protocol::payload::{self, MAX_PAYLOAD};
 use crate::protocol::stream;
 use crate::protocol::template::Values;
@@ -173,7 +174,31 @@ pub(super) fn path_channels(
 ) -> Result<Vec<String>, channels::ChannelError> {
     let (path, limits) = http::channels_path(r);
     let list = channels::parse_path(&path, limits)?;
+    let ids: Vec<&[u8]> = list.iter().map(|c| c.id.as_bytes()).collect();
+    check_wildcards(r, &ids)?;
+    let counted = http::counter_limits(r, true);
+    if let Err((_, why)) = zone::check_join(&ids, &counted) {
+        return Err(match why {
+            Refusal::TooManySubscribers => ChannelError::TooManySubscribers,
+            Refusal::NotCreated => ChannelError::NotCreated,
+            Refusal::TooManyChannels | Refusal::Full => ChannelError::TooManyChannels,
+        });
+    }
     Ok(list.iter().map(|c| channels::pg_channel(limits.pg_prefix, &c.id)).collect())
+}
+
+/// `push_stream_wildcard_channel_max_qtd`: at most that many wildcard channels, and never
+/// wildcard channels alone.
+fn check_wildcards(r: &ngx_http_request_t, ids: &[&[u8]]) -> Result<(), ChannelError> {
+    let (lcf, mcf) = (http::loc_conf(r), http::main_conf(r));
+    let max = MainConf::limit(lcf.wildcard_channel_max_qtd)
+        .or(MainConf::limit(mcf.max_number_of_wildcard_channels));
+    let Some(max) = max else { return Ok(()) };
+    let wild = ids.iter().filter(|id| zone::is_wildcard(id)).count();
+    if wild > 0 && (wild > max || wild == ids.len()) {
+        return Err(ChannelError::TooManyWildcards);
+    }
+    Ok(())
 }
 
 /// `streaming` and `eventsource`: channel errors are plain HTTP answers.
@@ -441,6 +466,14 @@ impl Transport for Subscriber {
             self.out.push(Rc::from(buf));
         }
         self.write_queued();
+        self.finish_if_done();
+    }
+
+    fn finish(&mut self) {
+        if self.state == State::Open {
+            self.start_close(None, "");
+            self.write_queued();
+        }
         self.finish_if_done();
     }
 
@@ -742,9 +775,15 @@ impl Subscriber {
         let me = ptr::from_mut(self);
         let channels: Vec<String> = self.sub.channels().map(str::to_string).collect();
         worker::with(|w| {
+            let prefix = w.prefix.len();
             for channel in channels {
-                let done =
-                    Box::new(move |id, outcome: Result<(), &str>| published(me, id, outcome));
+                let counted = channel.get(prefix..).unwrap_or_default().to_string();
+                let done = Box::new(move |id, outcome: Result<(), &str>| {
+                    if outcome.is_ok() {
+                        zone::published(counted.as_bytes());
+                    }
+                    published(me, id, outcome)
+                });
                 reader.pending.push_back(w.publish(channel, payload.clone(), done));
             }
         });

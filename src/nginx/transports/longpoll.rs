@@ -232,4 +232,7 @@ impl Transport for LongPoller {
     }
 
     fn reply(&mut self, _rows: Vec<Reply>) {}
+
+    /// The deleted message was its answer already.
+    fn finish(&mut self) {}
 }

@@ -1,0 +1,913 @@
+//! The node-wide counters: channels, their published messages and subscribers, and the
+//! subscribers of each worker, in one fixed-size region of shared memory.
+//!
+//! The region is formatted once: a header, a bucket array and an array of equal 96-byte
+//! blocks. Every record is one or more blocks taken from a single free list, so nothing
+//! fragments: a channel is one block (plus one per further 92 bytes of a long id), and a
+//! worker's share of a channel's subscribers beyond the first worker is one more block.
+//! Messages never go in here, so no burst of messages can fill it. Only more live channels
+//! than blocks can; then the new channel is simply not counted (see [`Refusal::Full`]),
+//! and delivery, which never reads this region, goes on.
+//!
+//! Each worker's subscribers are kept per worker (its "share"), so the counts of a worker
+//! that died without leaving (`kill -9`) can be taken back: [`Counters::reclaim`].
+//!
+//! All methods expect the caller to hold the zone's lock (nginx's slab pool mutex, which
+//! the master releases itself when a worker dies holding it). Nothing here can fail while
+//! half done.
+
+use core::mem::size_of;
+
+/// Worker slots: room for two generations of 64 workers during a reload.
+pub const MAX_WORKERS: usize = 128;
+const BLOCK: usize = 96;
+const NIL: u32 = u32::MAX;
+const MAGIC: u64 = 0x7067_7075_7368_0001;
+
+const KIND_CHANNEL: u8 = 1;
+const KIND_SHARE: u8 = 3;
+
+const FLAG_WILDCARD: u8 = 1;
+const FLAG_DELETED: u8 = 2;
+
+/// Name bytes held in a channel block, and in each continuation block.
+const NAME_INLINE: usize = BLOCK - 52;
+const NAME_CONT: usize = BLOCK - 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WorkerSlot {
+    pub pid: i64,
+    pub started: u64,
+    pub subscribers: u64,
+}
+
+#[repr(C)]
+struct Header {
+    magic: u64,
+    blocks: u32,
+    /// Blocks handed out at least once (those above are untouched memory).
+    used: u32,
+    free: u32,
+    buckets: u32,
+    started: u64,
+    published: u64,
+    seq: u64,
+    channels: u32,
+    wildcard_channels: u32,
+    channels_in_delete: u32,
+    /// Channels that found no free block, since the last report.
+    full: u32,
+    workers: [WorkerSlot; MAX_WORKERS],
+}
+
+#[repr(C)]
+struct Channel {
+    hash: u64,
+    published: u64,
+    next: u32,
+    seq: u32,
+    last_active: u32,
+    name_next: u32,
+    shares: u32,
+    first_count: u32,
+    first_worker: u16,
+    name_len: u16,
+    kind: u8,
+    flags: u8,
+    _pad: [u8; 2],
+    name: [u8; NAME_INLINE],
+}
+
+#[repr(C)]
+struct NameBlock {
+    next: u32,
+    bytes: [u8; NAME_CONT],
+}
+
+#[repr(C)]
+struct Share {
+    next: u32,
+    count: u32,
+    worker: u16,
+    _pad: u8,
+    kind: u8,
+}
+
+const _: () = assert!(size_of::<Channel>() == BLOCK);
+const _: () = assert!(size_of::<NameBlock>() == BLOCK);
+const _: () = assert!(size_of::<Share>() <= BLOCK);
+
+/// A channel as channel info and statistics show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Info {
+    pub id: Vec<u8>,
+    pub published: u64,
+    pub subscribers: u64,
+    pub wildcard: bool,
+}
+
+/// The statistics summary.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    pub channels: u64,
+    pub wildcard_channels: u64,
+    pub published: u64,
+    pub subscribers: u64,
+    pub channels_in_delete: u64,
+    pub started: u64,
+    pub workers: Vec<WorkerSlot>,
+}
+
+/// Why a channel may not be joined or created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// `push_stream_max_number_of_channels` / `_wildcard_channels`.
+    TooManyChannels,
+    /// `push_stream_max_subscribers_per_channel`.
+    TooManySubscribers,
+    /// `push_stream_authorized_channels_only`: nobody published to it.
+    NotCreated,
+    /// No free block: the channel is served but not counted.
+    Full,
+}
+
+/// The limits that apply when channels are created or joined.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Limits {
+    pub max_channels: Option<usize>,
+    pub max_wildcard_channels: Option<usize>,
+    pub max_subscribers: Option<usize>,
+    /// Refuse a channel nobody published to.
+    pub existing_only: bool,
+}
+
+/// A formatted region; see the module documentation.
+pub struct Counters {
+    base: *mut u8,
+}
+
+/// The block size, for sizing documentation and tests.
+pub const BLOCK_SIZE: usize = BLOCK;
+
+/// FNV-1a: stable across processes and builds.
+fn hash(id: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in id {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+impl Counters {
+    /// Formats `len` bytes at `base` (zeroed memory, as a fresh shared mapping is), or
+    /// `None` when the region is too small for the header and a few blocks.
+    ///
+    /// # Safety
+    /// `base` is valid for `len` bytes, 8-aligned, zeroed, and shared by nothing yet.
+    pub unsafe fn format(base: *mut u8, len: usize, now: u64) -> Option<Self> {
+        let head = size_of::<Header>();
+        let rest = len.checked_sub(head)?;
+        // one bucket per 8 blocks keeps chains short until the region is nearly full,
+        // and touches little memory (a page of buckets per 1024 channels)
+        let blocks = rest * 8 / (BLOCK * 8 + 4);
+        let mut buckets = (blocks / 8).next_power_of_two().max(1);
+        while buckets * 4 + blocks * BLOCK > rest && buckets > 1 {
+            buckets /= 2;
+        }
+        let blocks = (rest - buckets * 4) / BLOCK;
+        if blocks < 16 {
+            return None;
+        }
+        let c = Self { base };
+        let h = unsafe { c.header() };
+        h.magic = MAGIC;
+        h.blocks = blocks as u32;
+        h.used = 0;
+        h.free = NIL;
+        h.buckets = buckets as u32;
+        h.started = now;
+        for b in 0..buckets {
+            unsafe { c.bucket_ptr(b as u32).write(NIL) };
+        }
+        Some(c)
+    }
+
+    /// A region formatted by [`Counters::format`], possibly by another process.
+    ///
+    /// # Safety
+    /// `base` points at such a region, mapped for as long as the result is used.
+    pub unsafe fn attach(base: *mut u8) -> Option<Self> {
+        let c = Self { base };
+        (unsafe { c.header() }.magic == MAGIC).then_some(c)
+    }
+
+    /// Channel blocks the region has, for the log.
+    pub fn capacity(&self) -> usize {
+        unsafe { self.header() }.blocks as usize
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn header(&self) -> &mut Header {
+        unsafe { &mut *self.base.cast::<Header>() }
+    }
+
+    fn bucket_ptr(&self, b: u32) -> *mut u32 {
+        // SAFETY: buckets follow the header; b < buckets
+        unsafe { self.base.add(size_of::<Header>()).cast::<u32>().add(b as usize) }
+    }
+
+    fn block(&self, i: u32) -> *mut u8 {
+        let h = unsafe { self.header() };
+        let start = size_of::<Header>() + h.buckets as usize * 4;
+        let start = start.next_multiple_of(8);
+        // SAFETY: i < blocks; the region was sized for them (format keeps 8 bytes spare)
+        unsafe { self.base.add(start + i as usize * BLOCK) }
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    fn channel(&self, i: u32) -> &mut Channel {
+        unsafe { &mut *self.block(i).cast::<Channel>() }
+    }
+
+    fn alloc(&self) -> Option<u32> {
+        let h = unsafe { self.header() };
+        let i = if h.free != NIL {
+            let i = h.free;
+            h.free = unsafe { *self.block(i).cast::<u32>() };
+            i
+        } else if h.used + 1 < h.blocks {
+            // the last block is kept as alignment slack (see block())
+            h.used += 1;
+            h.used - 1
+        } else {
+            return None;
+        };
+        unsafe { core::ptr::write_bytes(self.block(i), 0, BLOCK) };
+        Some(i)
+    }
+
+    fn release(&self, i: u32) {
+        let h = unsafe { self.header() };
+        unsafe { *self.block(i).cast::<u32>() = h.free };
+        h.free = i;
+    }
+
+    fn name_matches(&self, ch: &Channel, id: &[u8]) -> bool {
+        if ch.name_len as usize != id.len() {
+            return false;
+        }
+        let first = id.len().min(NAME_INLINE);
+        if ch.name[..first] != id[..first] {
+            return false;
+        }
+        let mut rest = &id[first..];
+        let mut next = ch.name_next;
+        while !rest.is_empty() {
+            let nb = unsafe { &*self.block(next).cast::<NameBlock>() };
+            let n = rest.len().min(NAME_CONT);
+            if nb.bytes[..n] != rest[..n] {
+                return false;
+            }
+            rest = &rest[n..];
+            next = nb.next;
+        }
+        true
+    }
+
+    fn name_of(&self, ch: &Channel) -> Vec<u8> {
+        let len = ch.name_len as usize;
+        let mut out = Vec::with_capacity(len);
+        out.extend_from_slice(&ch.name[..len.min(NAME_INLINE)]);
+        let mut next = ch.name_next;
+        while out.len() < len {
+            let nb = unsafe { &*self.block(next).cast::<NameBlock>() };
+            let n = (len - out.len()).min(NAME_CONT);
+            out.extend_from_slice(&nb.bytes[..n]);
+            next = nb.next;
+        }
+        out
+    }
+
+    /// The channel's block and the link that points at it.
+    fn find(&self, id: &[u8]) -> Option<(u32, *mut u32)> {
+        let h = unsafe { self.header() };
+        let hv = hash(id);
+        let mut link = self.bucket_ptr((hv as u32) & (h.buckets - 1));
+        loop {
+            let i = unsafe { *link };
+            if i == NIL {
+                return None;
+            }
+            let ch = self.channel(i);
+            if ch.hash == hv && self.name_matches(ch, id) {
+                return Some((i, link));
+            }
+            link = &mut ch.next;
+        }
+    }
+
+    fn live(&self, id: &[u8]) -> Option<u32> {
+        self.find(id).map(|(i, _)| i).filter(|&i| self.channel(i).flags & FLAG_DELETED == 0)
+    }
+
+    fn create(
+        &mut self,
+        id: &[u8],
+        wildcard: bool,
+        now: u64,
+        limits: &Limits,
+    ) -> Result<u32, Refusal> {
+        let h = unsafe { self.header() };
+        let (count, max) = if wildcard {
+            (h.wildcard_channels, limits.max_wildcard_channels)
+        } else {
+            (h.channels, limits.max_channels)
+        };
+        if max.is_some_and(|m| count as usize >= m) {
+            return Err(Refusal::TooManyChannels);
+        }
+        let extra = id.len().saturating_sub(NAME_INLINE).div_ceil(NAME_CONT);
+        let Some(i) = self.alloc() else {
+            h.full += 1;
+            return Err(Refusal::Full);
+        };
+        let mut names = Vec::with_capacity(extra);
+        for _ in 0..extra {
+            match self.alloc() {
+                Some(b) => names.push(b),
+                None => {
+                    names.into_iter().chain([i]).for_each(|b| self.release(b));
+                    h.full += 1;
+                    return Err(Refusal::Full);
+                }
+            }
+        }
+        let hv = hash(id);
+        let bucket = self.bucket_ptr((hv as u32) & (h.buckets - 1));
+        h.seq += 1;
+        let ch = self.channel(i);
+        ch.kind = KIND_CHANNEL;
+        ch.hash = hv;
+        ch.seq = h.seq as u32;
+        ch.last_active = now as u32;
+        ch.name_len = id.len() as u16;
+        ch.shares = NIL;
+        ch.first_worker = u16::MAX;
+        ch.flags = if wildcard { FLAG_WILDCARD } else { 0 };
+        let first = id.len().min(NAME_INLINE);
+        ch.name[..first].copy_from_slice(&id[..first]);
+        ch.name_next = names.first().copied().unwrap_or(NIL);
+        for (k, chunk) in id[first..].chunks(NAME_CONT).enumerate() {
+            let nb = unsafe { &mut *self.block(names[k]).cast::<NameBlock>() };
+            nb.bytes[..chunk.len()].copy_from_slice(chunk);
+            nb.next = names.get(k + 1).copied().unwrap_or(NIL);
+        }
+        ch.next = unsafe { *bucket };
+        unsafe { *bucket = i };
+        if wildcard {
+            h.wildcard_channels += 1;
+        } else {
+            h.channels += 1;
+        }
+        Ok(i)
+    }
+
+    /// The live channel, created if it does not exist (push-stream creates a channel on
+    /// its first subscriber or publish).
+    fn get_or_create(
+        &mut self,
+        id: &[u8],
+        wildcard: bool,
+        now: u64,
+        limits: &Limits,
+    ) -> Result<u32, Refusal> {
+        if let Some(i) = self.live(id) {
+            return Ok(i);
+        }
+        if let Some((i, _)) = self.find(id) {
+            // deleted, with subscribers still leaving: it comes back as a new channel, and
+            // those subscribers' leaves still count down
+            let h = unsafe { self.header() };
+            let (count, max) = if wildcard {
+                (&mut h.wildcard_channels, limits.max_wildcard_channels)
+            } else {
+                (&mut h.channels, limits.max_channels)
+            };
+            if max.is_some_and(|m| *count as usize >= m) {
+                return Err(Refusal::TooManyChannels);
+            }
+            *count += 1;
+            h.channels_in_delete -= 1;
+            h.seq += 1;
+            let ch = self.channel(i);
+            ch.flags = if wildcard { FLAG_WILDCARD } else { 0 };
+            ch.published = 0;
+            ch.seq = h.seq as u32;
+            return Ok(i);
+        }
+        self.create(id, wildcard, now, limits)
+    }
+
+    fn unlink(&self, i: u32, link: *mut u32) {
+        let h = unsafe { self.header() };
+        let ch = self.channel(i);
+        unsafe { *link = ch.next };
+        if ch.flags & FLAG_DELETED != 0 {
+            h.channels_in_delete -= 1;
+        } else if ch.flags & FLAG_WILDCARD != 0 {
+            h.wildcard_channels -= 1;
+        } else {
+            h.channels -= 1;
+        }
+        let mut s = ch.shares;
+        while s != NIL {
+            let next = unsafe { (*self.block(s).cast::<Share>()).next };
+            self.release(s);
+            s = next;
+        }
+        let mut n = ch.name_next;
+        while n != NIL {
+            let next = unsafe { (*self.block(n).cast::<NameBlock>()).next };
+            self.release(n);
+            n = next;
+        }
+        self.release(i);
+    }
+
+    fn subscribers_of(&self, ch: &Channel) -> u64 {
+        let mut n = u64::from(ch.first_count);
+        let mut s = ch.shares;
+        while s != NIL {
+            let share = unsafe { &*self.block(s).cast::<Share>() };
+            n += u64::from(share.count);
+            s = share.next;
+        }
+        n
+    }
+
+    /// Whether these channels may be joined: each exists or may be created, and has room
+    /// for one more subscriber. Nothing changes.
+    pub fn check_join(
+        &self,
+        ids: &[(&[u8], bool)],
+        limits: &Limits,
+    ) -> Result<(), (usize, Refusal)> {
+        let h = unsafe { self.header() };
+        let (mut new, mut new_wild) = (0usize, 0usize);
+        for (k, &(id, wildcard)) in ids.iter().enumerate() {
+            match self.live(id) {
+                Some(i) => {
+                    let ch = self.channel(i);
+                    if limits.existing_only && !wildcard && ch.published == 0 {
+                        return Err((k, Refusal::NotCreated));
+                    }
+                    let subs = self.subscribers_of(ch) as usize;
+                    if limits.max_subscribers.is_some_and(|m| subs >= m) {
+                        return Err((k, Refusal::TooManySubscribers));
+                    }
+                }
+                None if limits.existing_only && !wildcard => return Err((k, Refusal::NotCreated)),
+                None => {
+                    let (count, max, new) = if wildcard {
+                        (h.wildcard_channels, limits.max_wildcard_channels, &mut new_wild)
+                    } else {
+                        (h.channels, limits.max_channels, &mut new)
+                    };
+                    *new += 1;
+                    if max.is_some_and(|m| count as usize + *new > m) {
+                        return Err((k, Refusal::TooManyChannels));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A subscriber of `worker` joined the channel (created if needed).
+    pub fn join(
+        &mut self,
+        id: &[u8],
+        wildcard: bool,
+        worker: u16,
+        now: u64,
+    ) -> Result<(), Refusal> {
+        let i = self.get_or_create(id, wildcard, now, &Limits::default())?;
+        let ch = self.channel(i);
+        ch.last_active = now as u32;
+        if ch.first_worker == worker || ch.first_worker == u16::MAX {
+            ch.first_worker = worker;
+            ch.first_count += 1;
+        } else {
+            let mut s = ch.shares;
+            loop {
+                if s == NIL {
+                    let Some(b) = self.alloc() else {
+                        unsafe { self.header() }.full += 1;
+                        return Err(Refusal::Full);
+                    };
+                    let ch = self.channel(i);
+                    let share = unsafe { &mut *self.block(b).cast::<Share>() };
+                    share.kind = KIND_SHARE;
+                    share.worker = worker;
+                    share.count = 1;
+                    share.next = ch.shares;
+                    ch.shares = b;
+                    break;
+                }
+                let share = unsafe { &mut *self.block(s).cast::<Share>() };
+                if share.worker == worker {
+                    share.count += 1;
+                    break;
+                }
+                s = share.next;
+            }
+        }
+        self.worker_add(worker, 1);
+        Ok(())
+    }
+
+    /// A subscriber of `worker` left the channel.
+    pub fn leave(&mut self, id: &[u8], worker: u16, now: u64) {
+        let Some((i, _)) = self.find(id) else { return };
+        let ch = self.channel(i);
+        ch.last_active = now as u32;
+        let mut left = false;
+        if ch.first_worker == worker && ch.first_count > 0 {
+            ch.first_count -= 1;
+            left = true;
+        } else {
+            let mut s = ch.shares;
+            while s != NIL {
+                let share = unsafe { &mut *self.block(s).cast::<Share>() };
+                if share.worker == worker && share.count > 0 {
+                    share.count -= 1;
+                    left = true;
+                    break;
+                }
+                s = share.next;
+            }
+        }
+        if left {
+            self.worker_add(worker, -1);
+        }
+    }
+
+    fn worker_add(&self, worker: u16, n: i64) {
+        if let Some(w) = unsafe { self.header() }.workers.get_mut(worker as usize) {
+            w.subscribers = w.subscribers.saturating_add_signed(n);
+        }
+    }
+
+    /// Creates the channel if needed (a publish, or a polling subscriber).
+    pub fn touch(
+        &mut self,
+        id: &[u8],
+        wildcard: bool,
+        now: u64,
+        limits: &Limits,
+    ) -> Result<(), Refusal> {
+        let i = self.get_or_create(id, wildcard, now, limits)?;
+        self.channel(i).last_active = now as u32;
+        Ok(())
+    }
+
+    /// A message was published on the channel through this node.
+    pub fn published(&mut self, id: &[u8], wildcard: bool, now: u64) {
+        let h = unsafe { self.header() };
+        h.published += 1;
+        if let Ok(i) = self.get_or_create(id, wildcard, now, &Limits::default()) {
+            let ch = self.channel(i);
+            ch.published += 1;
+            ch.last_active = now as u32;
+        }
+    }
+
+    /// The channel's info, if it exists.
+    pub fn info(&self, id: &[u8]) -> Option<Info> {
+        self.live(id).map(|i| self.info_at(i))
+    }
+
+    fn info_at(&self, i: u32) -> Info {
+        let ch = self.channel(i);
+        Info {
+            id: self.name_of(ch),
+            published: ch.published,
+            subscribers: self.subscribers_of(ch),
+            wildcard: ch.flags & FLAG_WILDCARD != 0,
+        }
+    }
+
+    fn each_live(&self) -> impl Iterator<Item = u32> + '_ {
+        let h = unsafe { self.header() };
+        (0..h.buckets).flat_map(move |b| {
+            let mut i = unsafe { *self.bucket_ptr(b) };
+            core::iter::from_fn(move || {
+                while i != NIL {
+                    let cur = i;
+                    let ch = self.channel(cur);
+                    i = ch.next;
+                    if ch.flags & FLAG_DELETED == 0 {
+                        return Some(cur);
+                    }
+                }
+                None
+            })
+        })
+    }
+
+    /// Live channels whose id starts with `prefix`, oldest first.
+    pub fn list(&self, prefix: &[u8]) -> Vec<Info> {
+        let mut found: Vec<(u32, Info)> = self
+            .each_live()
+            .filter_map(|i| {
+                let info = self.info_at(i);
+                info.id.starts_with(prefix).then(|| (self.channel(i).seq, info))
+            })
+            .collect();
+        found.sort_by_key(|(seq, _)| *seq);
+        found.into_iter().map(|(_, info)| info).collect()
+    }
+
+    pub fn summary(&self) -> Summary {
+        let h = unsafe { self.header() };
+        let workers: Vec<WorkerSlot> = h.workers.iter().filter(|w| w.pid != 0).copied().collect();
+        Summary {
+            channels: h.channels.into(),
+            wildcard_channels: h.wildcard_channels.into(),
+            published: h.published,
+            subscribers: workers.iter().map(|w| w.subscribers).sum(),
+            channels_in_delete: h.channels_in_delete.into(),
+            started: h.started,
+            workers,
+        }
+    }
+
+    /// Marks the channel deleted: it is no longer listed or counted as a channel, and goes
+    /// once its subscribers have left. `false` if it did not exist.
+    pub fn delete(&mut self, id: &[u8]) -> bool {
+        let Some(i) = self.live(id) else { return false };
+        let h = unsafe { self.header() };
+        let ch = self.channel(i);
+        if ch.flags & FLAG_WILDCARD != 0 {
+            h.wildcard_channels -= 1;
+        } else {
+            h.channels -= 1;
+        }
+        h.channels_in_delete += 1;
+        ch.flags |= FLAG_DELETED;
+        true
+    }
+
+    /// Drops channels without subscribers: deleted ones at once, others once inactive for
+    /// `inactivity` seconds. Returns the ids dropped that were not deleted.
+    pub fn collect(&mut self, now: u64, inactivity: u64) -> Vec<Vec<u8>> {
+        let h = unsafe { self.header() };
+        let mut destroyed = Vec::new();
+        for b in 0..h.buckets {
+            let mut link = self.bucket_ptr(b);
+            loop {
+                let i = unsafe { *link };
+                if i == NIL {
+                    break;
+                }
+                let ch = self.channel(i);
+                let idle = now.saturating_sub(u64::from(ch.last_active)) >= inactivity;
+                let deleted = ch.flags & FLAG_DELETED != 0;
+                if self.subscribers_of(ch) == 0 && (deleted || idle) {
+                    if !deleted {
+                        destroyed.push(self.name_of(ch));
+                    }
+                    self.unlink(i, link);
+                } else {
+                    link = &mut ch.next;
+                }
+            }
+        }
+        destroyed
+    }
+
+    /// Takes a worker slot for `pid`, first reclaiming the slots of dead workers.
+    pub fn claim_worker(&mut self, pid: i64, now: u64, alive: impl Fn(i64) -> bool) -> Option<u16> {
+        self.reclaim(&alive);
+        let h = unsafe { self.header() };
+        let k = h.workers.iter().position(|w| w.pid == 0)?;
+        h.workers[k] = WorkerSlot { pid, started: now, subscribers: 0 };
+        Some(k as u16)
+    }
+
+    /// A worker is leaving: its slot and whatever it still counted are freed.
+    pub fn release_worker(&mut self, worker: u16) {
+        self.drop_shares(worker);
+        if let Some(w) = unsafe { self.header() }.workers.get_mut(worker as usize) {
+            *w = WorkerSlot::default();
+        }
+    }
+
+    /// Frees the slots of workers that died without releasing them; returns how many.
+    pub fn reclaim(&mut self, alive: impl Fn(i64) -> bool) -> usize {
+        let dead: Vec<u16> = unsafe { self.header() }
+            .workers
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.pid != 0 && !alive(w.pid))
+            .map(|(k, _)| k as u16)
+            .collect();
+        for &k in &dead {
+            self.release_worker(k);
+        }
+        dead.len()
+    }
+
+    fn drop_shares(&self, worker: u16) {
+        let buckets = unsafe { self.header() }.buckets;
+        for b in 0..buckets {
+            let mut i = unsafe { *self.bucket_ptr(b) };
+            while i != NIL {
+                let ch = self.channel(i);
+                if ch.first_worker == worker {
+                    ch.first_count = 0;
+                    ch.first_worker = u16::MAX;
+                }
+                let mut link: *mut u32 = &mut ch.shares;
+                loop {
+                    let s = unsafe { *link };
+                    if s == NIL {
+                        break;
+                    }
+                    let share = unsafe { &mut *self.block(s).cast::<Share>() };
+                    if share.worker == worker {
+                        unsafe { *link = share.next };
+                        self.release(s);
+                    } else {
+                        link = &mut share.next;
+                    }
+                }
+                i = ch.next;
+            }
+        }
+    }
+
+    /// Channels that could not be counted since the last call (for one log line).
+    pub fn take_full(&mut self) -> u32 {
+        core::mem::take(&mut unsafe { self.header() }.full)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(len: usize) -> (Vec<u64>, Counters) {
+        let mut mem = vec![0u64; len / 8];
+        let c = unsafe { Counters::format(mem.as_mut_ptr().cast(), len, 1000) }.unwrap();
+        (mem, c)
+    }
+
+    const NO: Limits = Limits {
+        max_channels: None,
+        max_wildcard_channels: None,
+        max_subscribers: None,
+        existing_only: false,
+    };
+
+    #[test]
+    fn join_leave_and_info() {
+        let (_m, mut c) = region(64 * 1024);
+        let w = c.claim_worker(10, 1000, |_| true).unwrap();
+        let w2 = c.claim_worker(11, 1000, |_| true).unwrap();
+        c.join(b"news", false, w, 1000).unwrap();
+        c.join(b"news", false, w2, 1000).unwrap();
+        c.join(b"news", false, w2, 1000).unwrap();
+        c.published(b"news", false, 1000);
+        let i = c.info(b"news").unwrap();
+        assert_eq!((i.published, i.subscribers), (1, 3));
+        let s = c.summary();
+        assert_eq!((s.channels, s.subscribers, s.published), (1, 3, 1));
+        c.leave(b"news", w2, 1001);
+        c.leave(b"news", w2, 1001);
+        c.leave(b"news", w2, 1001); // one too many: ignored
+        assert_eq!(c.info(b"news").unwrap().subscribers, 1);
+        assert_eq!(c.summary().subscribers, 1);
+        assert!(c.collect(2000, 30).is_empty(), "a channel with a subscriber stays");
+        c.leave(b"news", w, 1001);
+        assert!(c.collect(1010, 30).is_empty(), "not inactive yet");
+        assert_eq!(c.collect(1031, 30), vec![b"news".to_vec()]);
+        assert_eq!(c.info(b"news"), None);
+        assert_eq!(c.summary().channels, 0);
+    }
+
+    #[test]
+    fn long_ids_and_listing_order() {
+        let (_m, mut c) = region(64 * 1024);
+        let long: Vec<u8> = (0..300).map(|k| b'a' + (k % 26) as u8).collect();
+        let mut other = long.clone();
+        *other.last_mut().unwrap() = b'!';
+        c.touch(&long, false, 5, &NO).unwrap();
+        c.touch(b"b1", false, 5, &NO).unwrap();
+        c.touch(&other, false, 5, &NO).unwrap();
+        c.touch(b"a1", false, 5, &NO).unwrap();
+        assert_eq!(c.info(&long).unwrap().id, long);
+        assert_eq!(c.info(&other).unwrap().id, other);
+        let all: Vec<Vec<u8>> = c.list(b"").into_iter().map(|i| i.id).collect();
+        assert_eq!(all, vec![long.clone(), b"b1".to_vec(), other.clone(), b"a1".to_vec()]);
+        assert_eq!(c.list(b"a1").len(), 1);
+        assert_eq!(c.list(b"abc").len(), 2);
+        // their blocks come back
+        assert_eq!(c.collect(100, 30).len(), 4);
+        let used = unsafe { c.header() }.used;
+        for k in 0..20 {
+            c.touch(format!("again{k}").as_bytes(), false, 5, &NO).unwrap();
+        }
+        assert_eq!(unsafe { c.header() }.used, used.max(20));
+    }
+
+    #[test]
+    fn limits() {
+        let (_m, mut c) = region(64 * 1024);
+        let w = c.claim_worker(1, 0, |_| true).unwrap();
+        let lim = Limits { max_channels: Some(2), max_subscribers: Some(2), ..NO };
+        assert_eq!(
+            c.check_join(&[(b"a", false), (b"b", false), (b"c", false)], &lim),
+            Err((2, Refusal::TooManyChannels))
+        );
+        c.join(b"a", false, w, 0).unwrap();
+        c.join(b"a", false, w, 0).unwrap();
+        assert_eq!(
+            c.check_join(&[(b"b", false), (b"a", false)], &lim),
+            Err((1, Refusal::TooManySubscribers))
+        );
+        assert_eq!(c.check_join(&[(b"b", false)], &lim), Ok(()));
+        // wildcard channels count apart
+        let lim = Limits { max_channels: Some(1), max_wildcard_channels: Some(1), ..NO };
+        assert_eq!(c.check_join(&[(b"w_1", true)], &lim), Ok(()));
+        assert_eq!(c.touch(b"b", false, 0, &lim), Err(Refusal::TooManyChannels));
+        // authorized channels only: nobody published to it yet
+        let lim = Limits { existing_only: true, ..NO };
+        assert_eq!(c.check_join(&[(b"a", false)], &lim), Err((0, Refusal::NotCreated)));
+        assert_eq!(c.check_join(&[(b"zz", false)], &lim), Err((0, Refusal::NotCreated)));
+        assert_eq!(c.check_join(&[(b"w_2", true)], &lim), Ok(()));
+        c.published(b"a", false, 0);
+        assert_eq!(c.check_join(&[(b"a", false)], &lim), Ok(()));
+    }
+
+    #[test]
+    fn a_dead_workers_counts_are_reclaimed() {
+        let (_m, mut c) = region(64 * 1024);
+        let a = c.claim_worker(100, 0, |_| true).unwrap();
+        let b = c.claim_worker(200, 0, |_| true).unwrap();
+        for k in 0..50 {
+            let id = format!("c{k}");
+            c.join(id.as_bytes(), false, a, 0).unwrap();
+            c.join(id.as_bytes(), false, b, 0).unwrap();
+            c.join(id.as_bytes(), false, b, 0).unwrap();
+        }
+        assert_eq!(c.summary().subscribers, 150);
+        // 200 was killed: its replacement reclaims its slot and counts
+        let b2 = c.claim_worker(300, 0, |pid| pid != 200).unwrap();
+        assert_eq!(b2, b);
+        assert_eq!(c.summary().subscribers, 50);
+        assert_eq!(c.info(b"c7").unwrap().subscribers, 1);
+        c.join(b"c7", false, b2, 0).unwrap();
+        assert_eq!(c.info(b"c7").unwrap().subscribers, 2);
+        c.release_worker(a);
+        assert_eq!(c.info(b"c7").unwrap().subscribers, 1);
+        assert_eq!(c.summary().workers.len(), 1);
+    }
+
+    #[test]
+    fn delete_then_recreate() {
+        let (_m, mut c) = region(64 * 1024);
+        let w = c.claim_worker(1, 0, |_| true).unwrap();
+        c.join(b"x", false, w, 0).unwrap();
+        c.published(b"x", false, 0);
+        assert!(c.delete(b"x"));
+        assert!(!c.delete(b"x"));
+        assert_eq!(c.info(b"x"), None);
+        assert_eq!((c.summary().channels, c.summary().channels_in_delete), (0, 1));
+        // a publish creates a fresh channel; the deleted one's leaver finds nothing
+        c.published(b"x", false, 0);
+        assert_eq!(c.info(b"x").unwrap().published, 1);
+        assert_eq!(c.summary().channels_in_delete, 0);
+        assert_eq!(c.info(b"x").unwrap().subscribers, 1, "still leaving");
+        c.leave(b"x", w, 0);
+        assert_eq!(c.info(b"x").unwrap().subscribers, 0);
+        assert_eq!(c.summary().subscribers, 0);
+    }
+
+    #[test]
+    fn a_full_region_refuses_and_recovers() {
+        let (_m, mut c) = region(8 * 1024);
+        let cap = c.capacity();
+        let mut n = 0;
+        while c.touch(format!("ch{n}").as_bytes(), false, 0, &NO).is_ok() {
+            n += 1;
+        }
+        assert!(n + 1 >= cap - 1 && n < cap, "{n} of {cap}");
+        assert_eq!(c.take_full(), 1);
+        assert_eq!(c.take_full(), 0);
+        c.collect(100, 30);
+        assert!(c.touch(b"again", false, 0, &NO).is_ok());
+    }
+}
