@@ -50,8 +50,17 @@ fn handle(e: Event) {
         Event::Log { level, msg } => {
             worker::with(|w| worker::log(w.log, level, &msg));
         }
-        Event::Notification { channel, payload } => lifecycle::deliver(&channel, &payload),
-        Event::Listening(channels) => lifecycle::listening(&channels),
+        Event::Notification { channel, payload } => {
+            for channel in worker::with(|w| w.notified(&channel, &payload)).unwrap_or_default() {
+                lifecycle::deliver(&channel, &payload);
+            }
+        }
+        Event::Listening(names) => {
+            let channels: Vec<String> =
+                worker::with(|w| names.iter().flat_map(|n| w.channels_of(n)).collect())
+                    .unwrap_or_default();
+            lifecycle::listening(&channels);
+        }
         Event::Published { ids, error } => {
             for id in ids {
                 if let Some(Some(done)) = worker::with(|w| w.take_publish(id)) {

@@ -16,7 +16,7 @@ use nginx_sys::{
     NGX_HTTP_SPECIAL_RESPONSE,
 };
 
-use crate::config::values::{PublisherMode, PG_MAX_IDENTIFIER};
+use crate::config::values::PublisherMode;
 use crate::counters::{Info, Refusal};
 use crate::nginx::http::{self, finalize, DONE, ERROR, OK};
 use crate::nginx::{lifecycle, stats, worker, zone};
@@ -140,19 +140,26 @@ fn publish(r: &mut ngx_http_request_t) -> Option<ngx_int_t> {
         Ok(text) => payload::wrap_text_with(&text, &meta),
         Err(e) => payload::wrap_binary_with(e.as_bytes(), &meta),
     };
-    if payload.len() > MAX_PAYLOAD {
+    let prefix = http::main_conf(r).channel_prefix();
+    // channels too long for an identifier carry their id in the payload
+    let each: Vec<(String, String)> = ids
+        .iter()
+        .map(|id| {
+            let pg = channels::pg_channel(prefix, id);
+            let notified = payload::for_channel(&pg, id, &payload);
+            (pg, notified)
+        })
+        .collect();
+    if each.iter().any(|(_, p)| p.len() > MAX_PAYLOAD) {
         let explain = format!(
             "Message is too large: a PostgreSQL notification carries at most {MAX_PAYLOAD} bytes."
         );
         return Some(http::send_explain(r, 413, &explain));
     }
-    let prefix = http::main_conf(r).channel_prefix();
-    let pgs: Vec<String> = ids.iter().map(|id| channels::pg_channel(prefix, id)).collect();
-    debug_assert!(pgs.iter().all(|pg| pg.len() <= PG_MAX_IDENTIFIER));
 
     if !worker::with(|w| w.has_postgres()).unwrap_or(false) {
         // one worker, no PostgreSQL: deliver here and now
-        for (pg, id) in pgs.iter().zip(&ids) {
+        for ((pg, _), id) in each.iter().zip(&ids) {
             zone::published(id.as_bytes());
             lifecycle::deliver(pg, &payload);
         }
@@ -162,10 +169,10 @@ fn publish(r: &mut ngx_http_request_t) -> Option<ngx_int_t> {
 
     let rp = ptr::from_mut(r);
     let pending = Rc::new(RefCell::new(Pending { r: rp, ids, out: Vec::new(), failed: None }));
-    for (k, pg) in pgs.into_iter().enumerate() {
+    for (k, (pg, notified)) in each.into_iter().enumerate() {
         let p = pending.clone();
         let done = Box::new(move |pid, outcome: Result<(), &str>| answer(&p, k, pid, outcome));
-        let pid = worker::with(|w| w.publish(pg, payload.clone(), done))?;
+        let pid = worker::with(|w| w.publish(pg, notified, done))?;
         pending.borrow_mut().out.push(pid);
     }
 
@@ -275,8 +282,9 @@ fn delete(r: &mut ngx_http_request_t) -> ngx_int_t {
     for id in existing {
         let pg = channels::pg_channel(prefix, id);
         if postgres {
+            let notified = payload::for_channel(&pg, id, &payload);
             // the answer does not wait: the channel is gone from this node's counts already
-            worker::with(|w| w.publish(pg, payload.clone(), Box::new(|_, _| {})));
+            worker::with(|w| w.publish(pg, notified, Box::new(|_, _| {})));
         } else {
             lifecycle::deliver(&pg, &payload);
         }

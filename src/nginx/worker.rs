@@ -28,6 +28,7 @@ use ngx::http::HttpModuleMainConf;
 use crate::nginx::HttpPgPushModule;
 use crate::postgres::cells::Reply;
 use crate::postgres::{Bridge, Command, Event, HookCall, Level, SideConnection};
+use crate::protocol::{channels, payload};
 
 /// How long `exit_process` waits for the tokio side to close its connection.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -53,6 +54,8 @@ pub struct Worker {
     next_publish: u64,
     /// `push_stream_postgres_channel_prefix`, for events that come without a request.
     pub prefix: String,
+    /// Derived LISTEN names, with the channels that share each.
+    derived: HashMap<String, Vec<String>>,
 }
 
 thread_local! {
@@ -153,6 +156,7 @@ pub fn start(cycle: &mut ngx_cycle_t, on_bridge: ngx_event_handler_pt) -> Result
             hooks: HashMap::new(),
             next_publish: 1,
             prefix,
+            derived: HashMap::new(),
         });
     });
     Ok(())
@@ -241,16 +245,59 @@ impl Worker {
         self.bridge.wake();
     }
 
-    /// LISTEN; answered by [`Event::Listening`].
-    pub fn listen(&self, channel: String) {
+    /// LISTEN; answered by [`Event::Listening`]. A channel too long for an identifier is
+    /// LISTENed under its derived name, once for all the channels that share it.
+    pub fn listen(&mut self, channel: String) {
+        let name = channels::listen_name(&channel).into_owned();
+        if name != channel {
+            let sharing = self.derived.entry(name.clone()).or_default();
+            sharing.push(channel);
+            if sharing.len() > 1 {
+                // already LISTENed: confirm at once, through the bridge, in order
+                self.bridge.push(Event::Listening(vec![name]));
+                return;
+            }
+        }
         if let Some(side) = &self.side {
-            side.send(Command::Listen(channel));
+            side.send(Command::Listen(name));
         }
     }
 
-    pub fn unlisten(&self, channel: String) {
+    pub fn unlisten(&mut self, channel: String) {
+        let name = channels::listen_name(&channel).into_owned();
+        if name != channel {
+            let Some(sharing) = self.derived.get_mut(&name) else { return };
+            sharing.retain(|c| *c != channel);
+            if !sharing.is_empty() {
+                return;
+            }
+            self.derived.remove(&name);
+        }
         if let Some(side) = &self.side {
-            side.send(Command::Unlisten(channel));
+            side.send(Command::Unlisten(name));
+        }
+    }
+
+    /// The channels a LISTEN name stands for: itself, or those sharing a derived name.
+    pub fn channels_of(&self, name: &str) -> Vec<String> {
+        match self.derived.get(name) {
+            Some(sharing) => sharing.clone(),
+            None => vec![name.to_string()],
+        }
+    }
+
+    /// The channel a notification is for: under a derived name, the one its payload
+    /// names (every channel sharing the name when it names none).
+    pub fn notified(&self, name: &str, payload: &str) -> Vec<String> {
+        let Some(sharing) = self.derived.get(name) else {
+            return vec![name.to_string()];
+        };
+        match payload::channel_of(payload) {
+            Some(id) => {
+                let channel = channels::pg_channel(&self.prefix, &id);
+                sharing.iter().filter(|c| **c == channel).cloned().collect()
+            }
+            None => sharing.clone(),
         }
     }
 
@@ -261,7 +308,10 @@ impl Worker {
         let n = self.next_publish;
         self.next_publish += 1;
         match &self.side {
-            Some(side) => side.send(Command::Publish { id: n, channel, payload }),
+            Some(side) => {
+                let channel = channels::listen_name(&channel).into_owned();
+                side.send(Command::Publish { id: n, channel, payload })
+            }
             None => {
                 self.bridge.push(Event::Notification { channel, payload });
                 self.bridge.push(Event::Published { ids: vec![n], error: None });

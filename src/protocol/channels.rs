@@ -17,10 +17,6 @@ pub enum ChannelError {
     NoChannel,
     #[error("Channel id is too large.")]
     TooLong,
-    #[error(
-        "Channel id is too large for PostgreSQL: prefix and id together must fit in {max} bytes."
-    )]
-    TooLongForPostgres { max: usize },
     #[error("Channel id must be valid UTF-8 without NUL bytes.")]
     Invalid,
     /// `ALL` and ids with `*` are push-stream's statistics wildcards.
@@ -100,9 +96,6 @@ pub fn check_id(id: &[u8], limits: Limits<'_>) -> Result<String, ChannelError> {
         return Err(ChannelError::Invalid);
     }
     let id = std::str::from_utf8(id).map_err(|_| ChannelError::Invalid)?;
-    if limits.pg_prefix.len() + id.len() > PG_MAX_IDENTIFIER {
-        return Err(ChannelError::TooLongForPostgres { max: PG_MAX_IDENTIFIER });
-    }
     Ok(id.to_string())
 }
 
@@ -124,6 +117,33 @@ pub fn pg_channel(prefix: &str, id: &str) -> String {
     s.push_str(prefix);
     s.push_str(id);
     s
+}
+
+/// How a derived LISTEN name starts.
+pub const DERIVED_PREFIX: &str = "pgpush_";
+
+/// The name LISTEN, UNLISTEN and `pg_notify` use for a channel (prefix + id): the channel
+/// itself when it fits in a PostgreSQL identifier (63 bytes), else `pgpush_` and the MD5 of
+/// it in hex, which SQL computes as
+/// `CASE WHEN octet_length(c) <= 63 THEN c ELSE 'pgpush_' || md5(c) END`.
+/// Two channels may share a derived name: the notification then carries the full id.
+pub fn listen_name(channel: &str) -> std::borrow::Cow<'_, str> {
+    use md5::Digest;
+    if channel.len() <= PG_MAX_IDENTIFIER {
+        return channel.into();
+    }
+    let digest = md5::Md5::digest(channel.as_bytes());
+    let mut name = String::with_capacity(DERIVED_PREFIX.len() + 32);
+    name.push_str(DERIVED_PREFIX);
+    for b in digest.iter() {
+        name.push_str(&format!("{b:02x}"));
+    }
+    name.into()
+}
+
+/// Whether a channel's notifications must carry its id (see [`listen_name`]).
+pub fn is_derived(channel: &str) -> bool {
+    channel.len() > PG_MAX_IDENTIFIER
 }
 
 /// Quotes a name as an SQL identifier: LISTEN takes no bind parameters, and an unquoted
@@ -206,7 +226,8 @@ mod tests {
                 assert!(!list.is_empty());
                 for c in list {
                     assert!(!c.id.is_empty() && !c.id.contains('\0'), "{path:?}");
-                    assert!(pg_channel(limits.pg_prefix, &c.id).len() <= PG_MAX_IDENTIFIER);
+                    let pg = pg_channel(limits.pg_prefix, &c.id);
+                    assert!(listen_name(&pg).len() <= PG_MAX_IDENTIFIER);
                     let q = quote_ident(&c.id);
                     assert!(q.starts_with('"') && q.ends_with('"'));
                     assert_eq!(q[1..q.len() - 1].replace("\"\"", "\""), c.id);
@@ -229,20 +250,25 @@ mod tests {
         let l = Limits { max_id_length: Some(3), pg_prefix: "" };
         assert!(parse_path(b"abc", l).is_ok());
         assert_eq!(parse_path(b"abcd", l), Err(ChannelError::TooLong));
-        let long = "x".repeat(63);
-        assert!(parse_path(long.as_bytes(), L).is_ok());
-        let too_long = "x".repeat(64);
-        assert_eq!(
-            parse_path(too_long.as_bytes(), L),
-            Err(ChannelError::TooLongForPostgres { max: 63 })
-        );
-        let p = Limits { max_id_length: None, pg_prefix: "app_" };
-        assert!(parse_path("x".repeat(59).as_bytes(), p).is_ok());
-        assert!(parse_path("x".repeat(60).as_bytes(), p).is_err());
-        // bytes, not characters: 32 two-byte characters are 64 bytes
-        assert!(parse_path("é".repeat(32).as_bytes(), L).is_err());
+        // any length: a long channel is LISTENed under a derived name
+        assert!(parse_path("x".repeat(500).as_bytes(), L).is_ok());
+        assert!(parse_path("é".repeat(32).as_bytes(), L).is_ok());
         assert_eq!(parse_path(b"a\0b", L), Err(ChannelError::Invalid));
         assert_eq!(parse_path(b"\xff", L), Err(ChannelError::Invalid));
+    }
+
+    #[test]
+    fn derived_names() {
+        let short = "x".repeat(63);
+        assert_eq!(listen_name(&short), short);
+        assert!(!is_derived(&short));
+        let long = "x".repeat(64);
+        assert!(is_derived(&long));
+        // SELECT 'pgpush_' || md5(repeat('x', 64)) in PostgreSQL
+        assert_eq!(listen_name(&long), "pgpush_c1bb4f81d892b2d57947682aeb252456");
+        assert_eq!(listen_name(&long).len(), 39);
+        // bytes, not characters: 32 two-byte characters are 64 bytes
+        assert!(is_derived(&"é".repeat(32)));
     }
 
     #[test]

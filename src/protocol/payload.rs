@@ -138,8 +138,60 @@ pub fn wrap_deleted(text: &[u8]) -> String {
 
 /// The deleted message's text, if the payload is [`wrap_deleted`]'s.
 pub fn deleted_text(payload: &str) -> Option<Vec<u8>> {
-    let data = payload.strip_prefix("\u{1b}d")?;
-    STANDARD.decode(data).ok()
+    if let Some(data) = payload.strip_prefix("\u{1b}d") {
+        return STANDARD.decode(data).ok();
+    }
+    let json = payload.strip_prefix("\u{1b}m")?;
+    match serde_json::from_str(json).ok()? {
+        serde_json::Value::Object(o) => STANDARD.decode(o.get("d")?.as_str()?).ok(),
+        _ => None,
+    }
+}
+
+/// The payload for a channel whose LISTEN name is derived (see
+/// [`crate::protocol::channels::listen_name`]): the same message in an `ESC 'm'` envelope
+/// that also carries the channel id under `"c"`.
+pub fn with_channel(payload: &str, id: &str) -> String {
+    let mut o = match payload.strip_prefix("\u{1b}m").map(serde_json::from_str) {
+        Some(Ok(serde_json::Value::Object(o))) => o,
+        _ => {
+            let mut o = serde_json::Map::new();
+            if let Some(text) = deleted_text(payload) {
+                o.insert("d".into(), STANDARD.encode(text).into());
+            } else {
+                match unwrap(payload) {
+                    Message::Binary(b) => o.insert("b".into(), STANDARD.encode(b).into()),
+                    Message::Text(t) => {
+                        o.insert("t".into(), String::from_utf8_lossy(&t).into_owned().into())
+                    }
+                };
+            }
+            o
+        }
+    };
+    o.insert("c".into(), id.into());
+    let mut s = String::from("\u{1b}m");
+    s.push_str(&serde_json::Value::Object(o).to_string());
+    s
+}
+
+/// What is notified for a message to `channel` (prefix + `id`): the payload itself, or,
+/// when the channel's LISTEN name is derived, the payload with the channel id.
+pub fn for_channel(channel: &str, id: &str, payload: &str) -> String {
+    if crate::protocol::channels::is_derived(channel) {
+        with_channel(payload, id)
+    } else {
+        payload.to_string()
+    }
+}
+
+/// The channel id an `ESC 'm'` envelope carries, if any.
+pub fn channel_of(payload: &str) -> Option<String> {
+    let json = payload.strip_prefix("\u{1b}m")?;
+    match serde_json::from_str(json).ok()? {
+        serde_json::Value::Object(o) => o.get("c")?.as_str().map(str::to_string),
+        _ => None,
+    }
 }
 
 /// The message a NOTIFY payload carries.
@@ -170,6 +222,26 @@ pub fn unwrap(payload: &str) -> Message<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_channel_travels_with_any_message() {
+        let meta = Meta { event_id: Some("7".into()), event_type: None };
+        for p in [
+            "plain".to_string(),
+            wrap_text("\u{1b}odd\0"),
+            wrap_binary(b"\xff\x00"),
+            wrap_text_with("with meta", &meta),
+            wrap_deleted(b"gone"),
+        ] {
+            let long = with_channel(&p, "a-long-id");
+            assert_eq!(channel_of(&long).as_deref(), Some("a-long-id"));
+            assert_eq!(deleted_text(&long), deleted_text(&p));
+            if deleted_text(&p).is_none() {
+                assert_eq!(unwrap_with_meta(&long), unwrap_with_meta(&p), "{p:?}");
+            }
+        }
+        assert_eq!(channel_of("plain"), None);
+    }
 
     #[test]
     fn deleted_round_trips() {

@@ -132,9 +132,30 @@ fn data_lines(rendered: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// push-stream's reading of a tag: an optional `W/`, then a number, its sign dropped.
+pub fn parse_tag(v: &[u8]) -> Option<u64> {
+    let v = match v.strip_prefix(b"W/") {
+        Some(rest) if v.len() > 2 => rest,
+        _ => v,
+    };
+    let v = v.strip_prefix(b"-").unwrap_or(v);
+    let digits: &[u8] = &v[..v.iter().take_while(|b| b.is_ascii_digit()).count()];
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tags_as_push_stream_reads_them() {
+        assert_eq!(parse_tag(b"W/3"), Some(3));
+        assert_eq!(parse_tag(b"3"), Some(3));
+        assert_eq!(parse_tag(b"-7"), Some(7));
+        assert_eq!(parse_tag(b"W/"), None);
+        assert_eq!(parse_tag(b"abc"), None);
+        assert_eq!(parse_tag(b"12xyz"), Some(12));
+    }
 
     #[test]
     fn chunks() {

@@ -184,8 +184,8 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 48] = [
     any!("push_stream_subscriber_output_limit", T1, subscriber_output_limit, Kind::Size, READY),
     any!("push_stream_longpolling_connection_ttl", T1, longpolling_connection_ttl, MSEC_POS, READY),
     any!("push_stream_websocket_allow_publish", T1, websocket_allow_publish, Flag, READY),
-    any_if!("push_stream_last_received_message_time", T1, last_received_message_time, Complex, NOT_YET),
-    any_if!("push_stream_last_received_message_tag", T1, last_received_message_tag, Complex, NOT_YET),
+    any_if!("push_stream_last_received_message_time", T1, last_received_message_time, Complex, READY),
+    any_if!("push_stream_last_received_message_tag", T1, last_received_message_tag, Complex, READY),
     any_if!("push_stream_last_event_id", T1, last_event_id, Complex, NOT_YET),
     any!("push_stream_user_agent", T1, user_agent, Complex, NOT_YET),
     any!("push_stream_padding_by_user_agent", T1, padding_by_user_agent, Custom(set_padding_by_user_agent), NOT_YET),
@@ -409,19 +409,7 @@ fn set_subscriber(cf: &mut ngx_conf_t, field: *mut c_void) -> Result<(), ConfErr
         SubscriberMode::ACCEPTED,
         SubscriberMode::parse,
         SubscriberMode::default(),
-    )?;
-    // SAFETY: set_role just stored the mode in this field
-    let mode = unsafe { (*field.cast::<Option<SubscriberMode>>()).unwrap_or_default() };
-    if mode == SubscriberMode::Polling {
-        ngx_conf_log_error!(
-            NGX_LOG_WARN,
-            cf,
-            "\"push_stream_subscriber {}\" has no effect yet: it answers 501 until stored \
-             messages are built",
-            mode.name()
-        );
-    }
-    Ok(())
+    )
 }
 
 fn set_publisher(cf: &mut ngx_conf_t, field: *mut c_void) -> Result<(), ConfError> {

@@ -759,32 +759,41 @@ impl Subscriber {
             Incoming::Text(t) => payload::wrap_text(t.as_str()),
             Incoming::Binary(b) => payload::wrap_binary(b),
         };
-        if payload.len() > MAX_PAYLOAD {
+        let prefix = worker::with(|w| w.prefix.len()).unwrap_or(0);
+        // channels too long for an identifier carry their id in the payload
+        let each: Vec<(String, String, String)> = self
+            .sub
+            .channels()
+            .map(|channel| {
+                let id = channel.get(prefix..).unwrap_or_default();
+                let notified = payload::for_channel(channel, id, &payload);
+                (channel.to_string(), id.to_string(), notified)
+            })
+            .collect();
+        let largest = each.iter().map(|(_, _, p)| p.len()).max().unwrap_or(0);
+        if largest > MAX_PAYLOAD {
             ngx::ngx_log_error!(
                 NGX_LOG_INFO,
                 self.log(),
                 "pgpush: client message of {} bytes ({} as a notification) is over the \
                  {MAX_PAYLOAD} bytes a PostgreSQL notification carries, closing with 1009",
                 message.len(),
-                payload.len()
+                largest
             );
             let reason =
                 format!("Message too large: a notification carries at most {MAX_PAYLOAD} bytes");
             return Err((close::TOO_BIG, reason));
         }
         let me = ptr::from_mut(self);
-        let channels: Vec<String> = self.sub.channels().map(str::to_string).collect();
         worker::with(|w| {
-            let prefix = w.prefix.len();
-            for channel in channels {
-                let counted = channel.get(prefix..).unwrap_or_default().to_string();
-                let done = Box::new(move |id, outcome: Result<(), &str>| {
+            for (channel, id, notified) in each {
+                let done = Box::new(move |n, outcome: Result<(), &str>| {
                     if outcome.is_ok() {
-                        zone::published(counted.as_bytes());
+                        zone::published(id.as_bytes());
                     }
-                    published(me, id, outcome)
+                    published(me, n, outcome)
                 });
-                reader.pending.push_back(w.publish(channel, payload.clone(), done));
+                reader.pending.push_back(w.publish(channel, notified, done));
             }
         });
         Ok(())

@@ -4,6 +4,7 @@
 
 pub mod connection;
 pub mod longpoll;
+pub mod polling;
 
 use nginx_sys::{ngx_http_request_t, ngx_int_t};
 
@@ -14,8 +15,17 @@ use crate::nginx::http;
 pub extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx passes the request being processed
     let r = unsafe { &mut *r };
-    let mode = http::loc_conf(r).subscriber;
+    let mut mode = http::loc_conf(r).subscriber;
     if mode != Some(SubscriberMode::WebSocket) {
+        // push-stream's X-Nginx-PushStream-Mode: polling or long-polling on request (a
+        // long-polling location stays long-polling)
+        match http::header_in(r, "X-Nginx-PushStream-Mode").map(<[u8]>::to_ascii_lowercase) {
+            Some(m) if m == b"long-polling" => mode = Some(SubscriberMode::LongPolling),
+            Some(m) if m == b"polling" && mode != Some(SubscriberMode::LongPolling) => {
+                mode = Some(SubscriberMode::Polling)
+            }
+            _ => {}
+        }
         // as push-stream: CORS, and OPTIONS answered before anything else
         if http::cors(r, "GET").is_err() {
             return nginx_sys::NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
@@ -28,16 +38,17 @@ pub extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         Some(SubscriberMode::WebSocket) => connection::subscribe(r, None),
         Some(SubscriberMode::Streaming) => connection::subscribe(r, Some(false)),
         Some(SubscriberMode::EventSource) => connection::subscribe(r, Some(true)),
-        Some(SubscriberMode::LongPolling) => long_polling(r),
-        _ => Ok(nginx_sys::NGX_HTTP_NOT_IMPLEMENTED as ngx_int_t),
+        Some(SubscriberMode::LongPolling) => long_polling(r, false),
+        Some(SubscriberMode::Polling) | None => long_polling(r, true),
     };
     match result {
         Ok(rc) | Err(rc) => rc,
     }
 }
 
-/// `long-polling`: a GET whose channels are valid waits for the next message.
-fn long_polling(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
+/// `long-polling`: a GET whose channels are valid waits for the next message; `polling`
+/// is answered at once.
+fn long_polling(r: &mut ngx_http_request_t, polling: bool) -> Result<ngx_int_t, ngx_int_t> {
     if r.method != nginx_sys::NGX_HTTP_GET as usize {
         return Ok(http::send_not_allowed(r, "GET"));
     }
@@ -47,6 +58,11 @@ fn long_polling(r: &mut ngx_http_request_t) -> Result<ngx_int_t, ngx_int_t> {
         return Ok(rc);
     }
     match connection::path_channels(r) {
+        Ok(channels) if polling => {
+            let prefix = http::main_conf(r).channel_prefix().len();
+            let ids: Vec<String> = channels.iter().map(|c| c[prefix..].to_string()).collect();
+            Ok(polling::answer(r, &ids))
+        }
         Ok(channels) => longpoll::subscribe(r, channels),
         Err(e) => Ok(http::send_explain(r, e.status().into(), &e.to_string())),
     }
