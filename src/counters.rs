@@ -29,6 +29,7 @@ const KIND_SHARE: u8 = 3;
 
 const FLAG_WILDCARD: u8 = 1;
 const FLAG_DELETED: u8 = 2;
+const FLAG_PINNED: u8 = 4;
 
 /// Name bytes held in a channel block, and in each continuation block.
 const NAME_INLINE: usize = BLOCK - 52;
@@ -382,9 +383,9 @@ impl Counters {
         wildcard: bool,
         now: u64,
         limits: &Limits,
-    ) -> Result<u32, Refusal> {
+    ) -> Result<(u32, bool), Refusal> {
         if let Some(i) = self.live(id) {
-            return Ok(i);
+            return Ok((i, false));
         }
         if let Some((i, _)) = self.find(id) {
             // deleted, with subscribers still leaving: it comes back as a new channel, and
@@ -405,9 +406,9 @@ impl Counters {
             ch.flags = if wildcard { FLAG_WILDCARD } else { 0 };
             ch.published = 0;
             ch.seq = h.seq as u32;
-            return Ok(i);
+            return Ok((i, true));
         }
-        self.create(id, wildcard, now, limits)
+        self.create(id, wildcard, now, limits).map(|i| (i, true))
     }
 
     fn unlink(&self, i: u32, link: *mut u32) {
@@ -492,8 +493,8 @@ impl Counters {
         wildcard: bool,
         worker: u16,
         now: u64,
-    ) -> Result<(), Refusal> {
-        let i = self.get_or_create(id, wildcard, now, &Limits::default())?;
+    ) -> Result<bool, Refusal> {
+        let (i, created) = self.get_or_create(id, wildcard, now, &Limits::default())?;
         let ch = self.channel(i);
         ch.last_active = now as u32;
         if ch.first_worker == worker || ch.first_worker == u16::MAX {
@@ -525,7 +526,7 @@ impl Counters {
             }
         }
         self.worker_add(worker, 1);
-        Ok(())
+        Ok(created)
     }
 
     /// A subscriber of `worker` left the channel.
@@ -567,20 +568,34 @@ impl Counters {
         wildcard: bool,
         now: u64,
         limits: &Limits,
-    ) -> Result<(), Refusal> {
-        let i = self.get_or_create(id, wildcard, now, limits)?;
+    ) -> Result<bool, Refusal> {
+        let (i, created) = self.get_or_create(id, wildcard, now, limits)?;
         self.channel(i).last_active = now as u32;
-        Ok(())
+        Ok(created)
     }
 
-    /// A message was published on the channel through this node.
-    pub fn published(&mut self, id: &[u8], wildcard: bool, now: u64) {
+    /// A message was published on the channel through this node; `global` counts it in
+    /// the node's total too (the events channel's are not). Whether the channel was
+    /// created.
+    pub fn published(&mut self, id: &[u8], wildcard: bool, now: u64, global: bool) -> bool {
         let h = unsafe { self.header() };
-        h.published += 1;
-        if let Ok(i) = self.get_or_create(id, wildcard, now, &Limits::default()) {
-            let ch = self.channel(i);
-            ch.published += 1;
-            ch.last_active = now as u32;
+        if global {
+            h.published += 1;
+        }
+        let Ok((i, created)) = self.get_or_create(id, wildcard, now, &Limits::default()) else {
+            return false;
+        };
+        let ch = self.channel(i);
+        ch.published += 1;
+        ch.last_active = now as u32;
+        created
+    }
+
+    /// Keeps the channel (created if needed) however long it stays idle: the events
+    /// channel.
+    pub fn pin(&mut self, id: &[u8], now: u64) {
+        if let Ok((i, _)) = self.get_or_create(id, false, now, &Limits::default()) {
+            self.channel(i).flags |= FLAG_PINNED;
         }
     }
 
@@ -673,7 +688,8 @@ impl Counters {
                     break;
                 }
                 let ch = self.channel(i);
-                let idle = now.saturating_sub(u64::from(ch.last_active)) >= inactivity;
+                let idle = now.saturating_sub(u64::from(ch.last_active)) >= inactivity
+                    && ch.flags & FLAG_PINNED == 0;
                 let deleted = ch.flags & FLAG_DELETED != 0;
                 if self.subscribers_of(ch) == 0 && (deleted || idle) {
                     if !deleted {
@@ -780,7 +796,7 @@ mod tests {
         c.join(b"news", false, w, 1000).unwrap();
         c.join(b"news", false, w2, 1000).unwrap();
         c.join(b"news", false, w2, 1000).unwrap();
-        c.published(b"news", false, 1000);
+        c.published(b"news", false, 1000, true);
         let i = c.info(b"news").unwrap();
         assert_eq!((i.published, i.subscribers), (1, 3));
         let s = c.summary();
@@ -793,9 +809,13 @@ mod tests {
         assert!(c.collect(2000, 30).is_empty(), "a channel with a subscriber stays");
         c.leave(b"news", w, 1001);
         assert!(c.collect(1010, 30).is_empty(), "not inactive yet");
+        c.pin(b"events", 1000);
+        c.published(b"events", false, 1000, false);
+        assert_eq!(c.summary().published, 1, "the events channel's are not in the total");
         assert_eq!(c.collect(1031, 30), vec![b"news".to_vec()]);
         assert_eq!(c.info(b"news"), None);
-        assert_eq!(c.summary().channels, 0);
+        assert_eq!(c.summary().channels, 1, "the pinned one stays");
+        assert!(c.collect(99_999, 30).is_empty());
     }
 
     #[test]
@@ -848,7 +868,7 @@ mod tests {
         assert_eq!(c.check_join(&[(b"a", false)], &lim), Err((0, Refusal::NotCreated)));
         assert_eq!(c.check_join(&[(b"zz", false)], &lim), Err((0, Refusal::NotCreated)));
         assert_eq!(c.check_join(&[(b"w_2", true)], &lim), Ok(()));
-        c.published(b"a", false, 0);
+        c.published(b"a", false, 0, true);
         assert_eq!(c.check_join(&[(b"a", false)], &lim), Ok(()));
     }
 
@@ -881,13 +901,13 @@ mod tests {
         let (_m, mut c) = region(64 * 1024);
         let w = c.claim_worker(1, 0, |_| true).unwrap();
         c.join(b"x", false, w, 0).unwrap();
-        c.published(b"x", false, 0);
+        assert!(!c.published(b"x", false, 0, true), "the subscriber created it");
         assert!(c.delete(b"x"));
         assert!(!c.delete(b"x"));
         assert_eq!(c.info(b"x"), None);
         assert_eq!((c.summary().channels, c.summary().channels_in_delete), (0, 1));
-        // a publish creates a fresh channel; the deleted one's leaver finds nothing
-        c.published(b"x", false, 0);
+        // a publish creates a fresh channel
+        assert!(c.published(b"x", false, 0, true));
         assert_eq!(c.info(b"x").unwrap().published, 1);
         assert_eq!(c.summary().channels_in_delete, 0);
         assert_eq!(c.info(b"x").unwrap().subscribers, 1, "still leaving");

@@ -29,6 +29,7 @@ use nginx_sys::ngx_http_request_t;
 
 use crate::hub::{Hub, ListenChange, Slot};
 use crate::nginx::conf::LocConf;
+use crate::nginx::events::{self, Event};
 use crate::nginx::hooks::{self, Hooks};
 use crate::nginx::{http, worker, zone};
 use crate::postgres::cells::Reply;
@@ -190,7 +191,11 @@ pub fn join(key: SubKey) -> usize {
     let (postgres, prefix) =
         worker::with(|w| (w.has_postgres(), w.prefix.len())).unwrap_or((false, 0));
     for (channel, _) in sub.channels.iter() {
-        zone::join(id_of(channel, prefix).as_bytes());
+        let id = id_of(channel, prefix).as_bytes();
+        if zone::join(id) {
+            events::emit(Event::ChannelCreated, id);
+        }
+        events::emit(Event::ClientSubscribed, id);
     }
     let mut listen = Vec::new();
     let waiting = with(|reg| {
@@ -231,7 +236,9 @@ pub fn leave(key: SubKey) {
     let channels = std::mem::take(&mut sub.channels);
     let prefix = worker::with(|w| w.prefix.len()).unwrap_or(0);
     for (channel, _) in channels.iter() {
-        zone::leave(id_of(channel, prefix).as_bytes());
+        let id = id_of(channel, prefix).as_bytes();
+        zone::leave(id);
+        events::emit(Event::ClientUnsubscribed, id);
     }
     if let Some(h) = sub.hooks.take() {
         let ids: Vec<&str> = channels.iter().map(|(c, _)| id_of(c, prefix)).collect();
@@ -356,6 +363,7 @@ fn deleted(channel: &str, id: &str, text: &[u8]) {
         let (_, slot) = kept.remove(k);
         sub.channels = kept.into_boxed_slice();
         zone::leave(id.as_bytes());
+        events::emit(Event::ClientUnsubscribed, id.as_bytes());
         with(|reg| {
             if let ListenChange::Unlisten(ch) = reg.hub.unsubscribe(channel, slot, key) {
                 unlisten = Some(ch);

@@ -18,6 +18,7 @@
 
 pub mod conf;
 mod dispatch;
+mod events;
 mod hooks;
 mod http;
 mod lifecycle;
@@ -145,7 +146,7 @@ fn set_handler(cf: &mut ngx_conf_t, lcf: &LocConf) -> *mut c_char {
 extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     // SAFETY: nginx passes the current cycle
     let cycle = unsafe { &mut *cycle };
-    match worker::start(cycle, Some(dispatch::on_bridge)) {
+    match worker::start(cycle, Some(dispatch::on_bridge), events::destroyed) {
         Ok(()) => Status::NGX_OK.into(),
         Err(msg) => {
             ngx::ngx_log_error!(nginx_sys::NGX_LOG_ALERT, cycle.log, "pgpush: {}", msg);

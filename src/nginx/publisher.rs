@@ -18,6 +18,7 @@ use nginx_sys::{
 
 use crate::config::values::PublisherMode;
 use crate::counters::{Info, Refusal};
+use crate::nginx::events::{self, Event};
 use crate::nginx::http::{self, finalize, DONE, ERROR, OK};
 use crate::nginx::{lifecycle, stats, worker, zone};
 use crate::protocol::channels;
@@ -45,12 +46,17 @@ pub extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         Ok(ids) => ids,
         Err(rc) => return rc,
     };
+    if (publish || delete) && ids.iter().any(|id| events::is_events_channel(id.as_bytes())) {
+        return refuse(r, 403, "Only internal routines can change events channel.");
+    }
     if publish {
         // push-stream creates the channels before it looks at the body
         let limits = http::counter_limits(r, false);
         for id in &ids {
-            if zone::touch(id.as_bytes(), &limits).is_err_and(|e| e != Refusal::Full) {
-                return refuse(r, 403, "Number of channels were exceeded.");
+            match zone::touch(id.as_bytes(), &limits) {
+                Ok(true) => events::emit(Event::ChannelCreated, id.as_bytes()),
+                Ok(false) | Err(Refusal::Full) => {}
+                Err(_) => return refuse(r, 403, "Number of channels were exceeded."),
             }
         }
     }
@@ -160,7 +166,7 @@ fn publish(r: &mut ngx_http_request_t) -> Option<ngx_int_t> {
     if !worker::with(|w| w.has_postgres()).unwrap_or(false) {
         // one worker, no PostgreSQL: deliver here and now
         for ((pg, _), id) in each.iter().zip(&ids) {
-            zone::published(id.as_bytes());
+            counted(id);
             lifecycle::deliver(pg, &payload);
         }
         lifecycle::settle();
@@ -210,7 +216,7 @@ fn answer(p: &Rc<RefCell<Pending>>, k: usize, pid: u64, outcome: Result<(), &str
         let mut st = p.borrow_mut();
         st.out.retain(|&x| x != pid);
         match outcome {
-            Ok(()) => zone::published(st.ids[k].as_bytes()),
+            Ok(()) => counted(&st.ids[k]),
             Err(why) => {
                 st.failed.get_or_insert_with(|| why.to_string());
             }
@@ -227,6 +233,13 @@ fn answer(p: &Rc<RefCell<Pending>>, k: usize, pid: u64, outcome: Result<(), &str
         None => published(req, &ids),
     };
     finalize(r, rc);
+}
+
+/// A message was published on the channel (which that may have created).
+fn counted(id: &str) {
+    if zone::published(id.as_bytes(), true) {
+        events::emit(Event::ChannelCreated, id.as_bytes());
+    }
 }
 
 /// The answer to a publish: the channels' info, or a header-only 200 with
@@ -276,6 +289,7 @@ fn delete(r: &mut ngx_http_request_t) -> ngx_int_t {
     if existing.is_empty() {
         return http::send_header_only(r, nginx_sys::NGX_HTTP_NOT_FOUND);
     }
+    existing.iter().for_each(|id| events::emit(Event::ChannelDestroyed, id.as_bytes()));
     let payload = payload::wrap_deleted(&text);
     let prefix = http::main_conf(r).channel_prefix();
     let postgres = worker::with(|w| w.has_postgres()).unwrap_or(false);

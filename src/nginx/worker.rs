@@ -83,7 +83,11 @@ pub fn reentered() {
 }
 
 /// Starts the worker's state; `on_bridge` handles the eventfd's read events.
-pub fn start(cycle: &mut ngx_cycle_t, on_bridge: ngx_event_handler_pt) -> Result<(), String> {
+pub fn start(
+    cycle: &mut ngx_cycle_t,
+    on_bridge: ngx_event_handler_pt,
+    destroyed: fn(&[u8]),
+) -> Result<(), String> {
     // init_process also runs in the cache manager and loader: only workers relay.
     // SAFETY: ngx_process is set before init_process runs
     let process = unsafe { nginx_sys::ngx_process } as u32;
@@ -144,7 +148,7 @@ pub fn start(cycle: &mut ngx_cycle_t, on_bridge: ngx_event_handler_pt) -> Result
     };
 
     let prefix = mcf.channel_prefix().to_string();
-    crate::nginx::zone::start(mcf, cycle.log, c.cast());
+    crate::nginx::zone::start(mcf, cycle.log, c.cast(), Some(destroyed));
     WORKER.with(|w| {
         *w.borrow_mut() = Some(Worker {
             bridge,

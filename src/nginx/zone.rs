@@ -109,6 +109,8 @@ struct Zone {
     inactivity: u64,
     /// `push_stream_wildcard_channel_prefix`; empty: no wildcard channels.
     wildcard_prefix: Vec<u8>,
+    /// Told of each channel dropped for inactivity.
+    destroyed: Option<fn(&[u8])>,
 }
 
 thread_local! {
@@ -138,8 +140,14 @@ fn alive(pid: i64) -> bool {
     rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
-/// A worker starts: it takes a slot, reclaiming those of workers that died.
-pub fn start(mcf: &MainConf, log: *mut nginx_sys::ngx_log_t, conn: *mut c_void) {
+/// A worker starts: it takes a slot, reclaiming those of workers that died; `destroyed`
+/// is told of the channels it drops for inactivity.
+pub fn start(
+    mcf: &MainConf,
+    log: *mut nginx_sys::ngx_log_t,
+    conn: *mut c_void,
+    destroyed: Option<fn(&[u8])>,
+) {
     if mcf.zone.is_null() {
         return;
     }
@@ -162,12 +170,18 @@ pub fn start(mcf: &MainConf, log: *mut nginx_sys::ngx_log_t, conn: *mut c_void) 
         sweep,
         inactivity: mcf.channel_inactivity_time as u64,
         wildcard_prefix: mcf.wildcard_channel_prefix.as_bytes().to_vec(),
+        destroyed,
     };
     // SAFETY: ngx_pid is this process
     let pid = i64::from(unsafe { nginx_sys::ngx_pid });
     // SAFETY: as in locked()
     unsafe { nginx_sys::ngx_shmtx_lock(&mut (*pool).mutex) };
     let slot = zone.counters.claim_worker(pid, now(), alive);
+    let events = mcf.events_channel_id.as_bytes();
+    if !events.is_empty() {
+        // push-stream's events channel exists from the start and is never dropped
+        zone.counters.pin(events, now());
+    }
     // SAFETY: as above
     unsafe { nginx_sys::ngx_shmtx_unlock(&mut (*pool).mutex) };
     let Some(slot) = slot else {
@@ -200,13 +214,18 @@ pub fn stop() {
 }
 
 extern "C" fn on_sweep(ev: *mut ngx_event_t) {
-    let inactivity = ZONE.with(|z| z.borrow().as_ref().map(|z| z.inactivity)).unwrap_or(30);
-    let full = locked(|c, _, _| {
+    let (inactivity, destroyed) = ZONE
+        .with(|z| z.borrow().as_ref().map(|z| (z.inactivity, z.destroyed)))
+        .unwrap_or((30, None));
+    let (full, gone) = locked(|c, _, _| {
         c.reclaim(alive);
-        c.collect(now(), inactivity);
-        c.take_full()
+        let gone = c.collect(now(), inactivity);
+        (c.take_full(), gone)
     })
-    .unwrap_or(0);
+    .unwrap_or_default();
+    if let Some(destroyed) = destroyed {
+        gone.iter().for_each(|id| destroyed(id));
+    }
     if full > 0 {
         // SAFETY: the event's log is the cycle's
         ngx::ngx_log_error!(
@@ -235,9 +254,9 @@ pub fn is_wildcard(id: &[u8]) -> bool {
     locked(|_, _, wild| wild(id)).unwrap_or(false)
 }
 
-/// A subscriber joined a channel.
-pub fn join(id: &[u8]) {
-    locked(|c, w, wild| c.join(id, wild(id), w, now()));
+/// A subscriber joined a channel; whether that created it.
+pub fn join(id: &[u8]) -> bool {
+    locked(|c, w, wild| c.join(id, wild(id), w, now()).unwrap_or(false)).unwrap_or(false)
 }
 
 /// A subscriber left a channel.
@@ -245,14 +264,15 @@ pub fn leave(id: &[u8]) {
     locked(|c, w, _| c.leave(id, w, now()));
 }
 
-/// Creates the channel if needed, within the limits.
-pub fn touch(id: &[u8], limits: &Limits) -> Result<(), Refusal> {
-    locked(|c, _, wild| c.touch(id, wild(id), now(), limits)).unwrap_or(Ok(()))
+/// Creates the channel if needed, within the limits; whether it was created.
+pub fn touch(id: &[u8], limits: &Limits) -> Result<bool, Refusal> {
+    locked(|c, _, wild| c.touch(id, wild(id), now(), limits)).unwrap_or(Ok(false))
 }
 
-/// A message was published through this node.
-pub fn published(id: &[u8]) {
-    locked(|c, _, wild| c.published(id, wild(id), now()));
+/// A message was published through this node (`global`: counted in the node's total);
+/// whether that created the channel.
+pub fn published(id: &[u8], global: bool) -> bool {
+    locked(|c, _, wild| c.published(id, wild(id), now(), global)).unwrap_or(false)
 }
 
 pub fn info(id: &[u8]) -> Option<Info> {

@@ -30,6 +30,8 @@ pub enum ChannelError {
     TooManyChannels,
     #[error("Subscribed too much wildcard channels.")]
     TooManyWildcards,
+    #[error("Subscription to events channel is not allowed.")]
+    EventsChannel,
 }
 
 impl ChannelError {
@@ -40,7 +42,8 @@ impl ChannelError {
             | ChannelError::TooManySubscribers
             | ChannelError::NotCreated
             | ChannelError::TooManyChannels
-            | ChannelError::TooManyWildcards => 403,
+            | ChannelError::TooManyWildcards
+            | ChannelError::EventsChannel => 403,
             _ => 400,
         }
     }

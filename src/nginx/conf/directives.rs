@@ -157,9 +157,9 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 48] = [
 
     /* http-level settings */
     main!("push_stream_shared_memory_size", NGX_CONF_TAKE12, shared_memory_size, Custom(set_shared_memory_size), READY),
-    main!("push_stream_channel_deleted_message_text", T1, channel_deleted_message_text, STR, NOT_YET),
+    main!("push_stream_channel_deleted_message_text", T1, channel_deleted_message_text, STR, READY),
     main!("push_stream_channel_inactivity_time", T1, channel_inactivity_time, SEC, READY),
-    main!("push_stream_ping_message_text", T1, ping_message_text, STR, NOT_YET),
+    main!("push_stream_ping_message_text", T1, ping_message_text, STR, READY),
     main!("push_stream_timeout_with_body", T1, timeout_with_body, Flag, READY),
     main!("push_stream_message_ttl", T1, message_ttl, SEC_POS, NOT_YET),
     main!("push_stream_max_subscribers_per_channel", T1, max_subscribers_per_channel, NUM_POS, READY),
@@ -168,7 +168,7 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 48] = [
     main!("push_stream_max_number_of_channels", T1, max_number_of_channels, NUM_POS, READY),
     main!("push_stream_max_number_of_wildcard_channels", T1, max_number_of_wildcard_channels, NUM_POS, READY),
     main!("push_stream_wildcard_channel_prefix", T1, wildcard_channel_prefix, STR, READY),
-    main!("push_stream_events_channel_id", T1, events_channel_id, STR, NOT_YET),
+    main!("push_stream_events_channel_id", T1, events_channel_id, STR, READY),
 
     /* per-location behaviour */
     any_if!("push_stream_store_messages", T1, store_messages, Flag, NOT_YET),
@@ -190,7 +190,7 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 48] = [
     any!("push_stream_user_agent", T1, user_agent, Complex, NOT_YET),
     any!("push_stream_padding_by_user_agent", T1, padding_by_user_agent, Custom(set_padding_by_user_agent), NOT_YET),
     any!("push_stream_allowed_origins", T1, allowed_origins, Complex, READY),
-    any_if!("push_stream_allow_connections_to_events_channel", T1, allow_connections_to_events_channel, Flag, NOT_YET),
+    any_if!("push_stream_allow_connections_to_events_channel", T1, allow_connections_to_events_channel, Flag, READY),
 
     /* the fork's hooks: a subrequest to this URI on each event */
     any!("push_stream_client_subscribed_request", T1, client_subscribed_request, Complex, READY),

@@ -37,6 +37,7 @@ use tungstenite::Message;
 
 use crate::counters::Refusal;
 use crate::nginx::conf::{LocConf, MainConf};
+use crate::nginx::events::{self, Event};
 use crate::nginx::hooks;
 use crate::nginx::http::{self, finalize, DONE, ERROR, OK};
 use crate::nginx::lifecycle::{self, Encoding, SubKey, Subscription, Transport};
@@ -176,6 +177,11 @@ pub(super) fn path_channels(
     let list = channels::parse_path(&path, limits)?;
     let ids: Vec<&[u8]> = list.iter().map(|c| c.id.as_bytes()).collect();
     check_wildcards(r, &ids)?;
+    if http::loc_conf(r).allow_connections_to_events_channel != 1
+        && ids.iter().any(|id| events::is_events_channel(id))
+    {
+        return Err(ChannelError::EventsChannel);
+    }
     let counted = http::counter_limits(r, true);
     if let Err((_, why)) = zone::check_join(&ids, &counted) {
         return Err(match why {
@@ -764,6 +770,8 @@ impl Subscriber {
         let each: Vec<(String, String, String)> = self
             .sub
             .channels()
+            // as push-stream: a client never publishes to the events channel
+            .filter(|channel| !events::is_events_channel(&channel.as_bytes()[prefix..]))
             .map(|channel| {
                 let id = channel.get(prefix..).unwrap_or_default();
                 let notified = payload::for_channel(channel, id, &payload);
@@ -788,8 +796,8 @@ impl Subscriber {
         worker::with(|w| {
             for (channel, id, notified) in each {
                 let done = Box::new(move |n, outcome: Result<(), &str>| {
-                    if outcome.is_ok() {
-                        zone::published(id.as_bytes());
+                    if outcome.is_ok() && zone::published(id.as_bytes(), true) {
+                        events::emit(Event::ChannelCreated, id.as_bytes());
                     }
                     published(me, n, outcome)
                 });

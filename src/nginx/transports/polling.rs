@@ -7,6 +7,7 @@
 use nginx_sys::{ngx_http_request_t, ngx_int_t};
 
 use crate::counters::Refusal;
+use crate::nginx::events::{self, Event};
 use crate::nginx::http;
 use crate::nginx::zone;
 use crate::protocol::stream;
@@ -15,8 +16,10 @@ use crate::protocol::stream;
 pub fn answer(r: &mut ngx_http_request_t, ids: &[String]) -> ngx_int_t {
     let limits = http::counter_limits(r, false);
     for id in ids {
-        if zone::touch(id.as_bytes(), &limits).is_err_and(|e| e != Refusal::Full) {
-            return http::send_explain(r, 403, "Number of channels were exceeded.");
+        match zone::touch(id.as_bytes(), &limits) {
+            Ok(true) => events::emit(Event::ChannelCreated, id.as_bytes()),
+            Ok(false) | Err(Refusal::Full) => {}
+            Err(_) => return http::send_explain(r, 403, "Number of channels were exceeded."),
         }
     }
     let (time, tag) = position(r);
