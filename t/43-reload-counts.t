@@ -1,0 +1,162 @@
+#!/usr/bin/perl
+
+# Counts across a reload: the old workers end their subscribers' streams as push-stream
+# does (footer and end of stream; WebSocket close 1001), new subscribers are served and
+# counted by the new workers, and the node's statistics converge to the truth within 5 s,
+# while publishing goes on.
+
+use warnings;
+use strict;
+
+use IO::Select;
+use IO::Socket::INET;
+use JSON::PP;
+use Test::More;
+use Time::HiRes qw/ sleep time /;
+
+BEGIN { use FindBin; chdir($FindBin::Bin); }
+
+BEGIN { push @INC, "$FindBin::Bin/lib"; }
+use Test::Nginx;
+use PgPush qw/ publish /;
+use PgPush::PG;
+use PgPush::WS;
+
+###############################################################################
+
+select STDERR; $| = 1;
+select STDOUT; $| = 1;
+
+my $t = Test::Nginx->new()->has(qw/http/)->plan(12);
+
+my $pg = PgPush::PG->start();
+my $conninfo = $pg->conninfo;
+
+$t->write_file_expand('nginx.conf', <<"EOF");
+
+%%TEST_GLOBALS%%
+
+daemon off;
+worker_processes 2;
+
+events {
+}
+
+http {
+    %%TEST_GLOBALS_HTTP%%
+
+    push_stream_postgres "$conninfo";
+
+    server {
+        listen       127.0.0.1:8080 reuseport;
+        server_name  localhost;
+
+        location /ws {
+            push_stream_subscriber websocket;
+            push_stream_channels_path \$arg_id;
+        }
+
+        location /sub {
+            push_stream_subscriber;
+            push_stream_channels_path \$arg_id;
+            push_stream_footer_template "FOOTER";
+        }
+
+        location /pub {
+            push_stream_publisher;
+            push_stream_channels_path \$arg_id;
+        }
+
+        location /stats {
+            push_stream_channels_statistics;
+            push_stream_channels_path \$arg_id;
+        }
+    }
+}
+
+EOF
+
+$t->run();
+ok($pg->wait_sessions(2), 'a side connection per worker');
+
+sub summary {
+	my $r = http_get('/stats');
+	return decode_json((split /\r\n\r\n/, $r, 2)[1] // '{}');
+}
+
+sub wait_count {
+	my ($n) = @_;
+	my $got;
+	my $deadline = time + 5;
+	while (time < $deadline) {
+		$got = summary()->{subscribers} // -1;
+		return $got if $got == $n;
+		sleep 0.1;
+	}
+	return $got;
+}
+
+sub stream {
+	my ($uri) = @_;
+	my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1:' . port(8080)) or die "$!\n";
+	$s->syswrite("GET $uri HTTP/1.1\r\nHost: localhost\r\n\r\n");
+	return $s;
+}
+
+sub read_all {
+	my ($s, $timeout) = @_;
+	my $buf = '';
+	my $deadline = time + $timeout;
+	while (time < $deadline) {
+		last unless IO::Select->new($s)->can_read($deadline - time);
+		$s->sysread($buf, 65536, length $buf) or last;
+	}
+	return $buf;
+}
+
+my @ws = map { PgPush::WS->connect("/ws?id=r$_") } 1 .. 20;
+my @st = map { stream("/sub?id=r$_") } 1 .. 5;
+is(wait_count(25), 25, '25 subscribers before the reload');
+my @old = map { $_->{pid} } @{summary()->{by_worker}};
+
+# publishing goes on during the reload
+my $pid = fork() // die "fork: $!\n";
+if ($pid == 0) {
+	my $end = time + 3;
+	publish('r1', 'during') while time < $end;
+	exit 0;
+}
+
+$t->reload();
+
+my %seen;
+for my $w (@ws) {
+	my $code;
+	while (my $m = $w->read_message(5)) {
+		next unless $m->{opcode} == 8;
+		($code) = PgPush::WS->close_status($m);
+		last;
+	}
+	$seen{$code // 'none'}++;
+}
+is(join(',', map { "$_=$seen{$_}" } sort keys %seen), '1001=20', 'every WebSocket subscriber is closed with 1001');
+my @ends = map { read_all($_, 5) } @st;
+is(scalar(grep { /FOOTER\r\n0\r\n\r\n$/ } @ends), 5, 'every stream ends with its footer and the last chunk');
+
+is(wait_count(0), 0, 'the count converges to zero');
+my @fresh = map { PgPush::WS->connect("/ws?id=n$_") } 1 .. 7;
+is(scalar(grep { $_->{status} == 101 } @fresh), 7, 'new subscribers are served');
+is(wait_count(7), 7, 'and counted');
+my @now = map { $_->{pid} } @{summary()->{by_worker}};
+my %was = map { $_ => 1 } @old;
+ok(@now == 2 && !grep({ $was{$_} } @now), 'by_worker lists the two new workers only');
+
+waitpid($pid, 0);
+publish('n1', 'after');
+is($fresh[0]->payload, 'after', 'delivery works after the reload');
+my $stats = summary();
+ok($stats->{published_messages} > 1, 'published messages survive the reload');
+my $sum = 0;
+$sum += $_->{subscribers} for @{$stats->{by_worker}};
+is($sum, 7, 'by_worker adds up');
+is($t->read_file('error.log') =~ /\[alert\]/ ? 'alert' : 'none', 'none', 'no alert');
