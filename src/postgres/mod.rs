@@ -349,6 +349,9 @@ async fn run(
 
         let relisten = listen_sql("LISTEN", wanted.channels.iter());
         let setup = async {
+            // a notification is not durable (PostgreSQL's queue does not survive a
+            // restart), so its commit need not wait for the WAL flush (DESIGN.md)
+            client.batch_execute("SET synchronous_commit TO off").await?;
             let stmt = client.prepare(PUBLISH_SQL).await?;
             if !relisten.is_empty() {
                 client.batch_execute(&relisten).await?;
