@@ -78,8 +78,10 @@ pub enum ValueError {
     MinAboveMax,
     #[error("it must be greater than zero")]
     Zero,
-    #[error("it must be \"regex,header size,message size\" entries separated by \":\"")]
-    Padding,
+    /// push-stream's wording: the entries are `regex,header size,message size`, separated
+    /// by `:`; the message names the value from the first entry that does not parse.
+    #[error("{0}")]
+    Padding(String),
 }
 
 /// `push_stream_postgres_channel_prefix`: the PostgreSQL channel is prefix + channel id, so
@@ -131,19 +133,35 @@ pub struct Padding {
 }
 
 pub fn padding_by_user_agent(v: &str) -> Result<Vec<Padding>, ValueError> {
-    v.split(':')
-        .map(|entry| {
-            let mut it = entry.rsplitn(3, ',');
-            let message = it.next().ok_or(ValueError::Padding)?;
-            let header = it.next().ok_or(ValueError::Padding)?;
-            let ua = it.next().filter(|s| !s.is_empty()).ok_or(ValueError::Padding)?;
-            Ok(Padding {
-                user_agent: ua.to_string(),
-                header_size: header.trim().parse().map_err(|_| ValueError::Padding)?,
-                message_size: message.trim().parse().map_err(|_| ValueError::Padding)?,
-            })
+    let entry = |entry: &str| -> Option<Padding> {
+        let mut it = entry.rsplitn(3, ',');
+        let message = it.next()?;
+        let header = it.next()?;
+        let ua = it.next().filter(|s| !s.is_empty())?;
+        Some(Padding {
+            user_agent: ua.to_string(),
+            header_size: header.trim().parse().ok()?,
+            message_size: message.trim().parse().ok()?,
         })
-        .collect()
+    };
+    let mut out = Vec::new();
+    let mut at = 0;
+    for part in v.split(':') {
+        match entry(part) {
+            Some(p) => out.push(p),
+            None if at == 0 => {
+                return Err(ValueError::Padding(format!("padding pattern not match the value {v}")))
+            }
+            None => {
+                let rest = &v[at..];
+                return Err(ValueError::Padding(format!(
+                    "error applying padding pattern to {rest}"
+                )));
+            }
+        }
+        at += part.len() + 1;
+    }
+    Ok(out)
 }
 
 /// Renders bytes of a directive value for a log line.
@@ -202,9 +220,15 @@ mod tests {
         // a regex may itself contain commas
         let p = padding_by_user_agent("a{1,2},1,2").unwrap();
         assert_eq!(p[0].user_agent, "a{1,2}");
-        assert_eq!(padding_by_user_agent("ie,1"), Err(ValueError::Padding));
-        assert_eq!(padding_by_user_agent(",1,2"), Err(ValueError::Padding));
-        assert_eq!(padding_by_user_agent("ie,x,2"), Err(ValueError::Padding));
-        assert_eq!(padding_by_user_agent("ie,1,2:"), Err(ValueError::Padding));
+        let bad = |v: &str| padding_by_user_agent(v).unwrap_err().to_string();
+        assert_eq!(bad("user_agent,as,df"), "padding pattern not match the value user_agent,as,df");
+        assert_eq!(
+            bad("user_agent,10,0:other_user_agent;20;0:another_user_agent,30,0"),
+            "error applying padding pattern to other_user_agent;20;0:another_user_agent,30,0"
+        );
+        assert!(padding_by_user_agent("ie,1").is_err());
+        assert!(padding_by_user_agent(",1,2").is_err());
+        assert!(padding_by_user_agent("ie,x,2").is_err());
+        assert!(padding_by_user_agent("ie,1,2:").is_err());
     }
 }

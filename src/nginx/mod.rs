@@ -108,8 +108,14 @@ impl HttpModule for HttpPgPushModule {
         // SAFETY: both are LocConf created by create_loc_conf; cf is valid during merge
         let (cf, prev, conf) =
             unsafe { (&mut *cf, &*prev.cast::<LocConf>(), &mut *conf.cast::<LocConf>()) };
-        let has_postgres = HttpPgPushModule::main_conf(&*cf).is_some_and(|m| m.postgres.is_some());
-        if conf.merge(prev).is_err() || conf.check(cf, has_postgres).is_err() {
+        let main = HttpPgPushModule::main_conf(&*cf)
+            .map(|m| conf::MainChecks {
+                has_postgres: m.postgres.is_some(),
+                has_wildcard_prefix: !m.wildcard_channel_prefix.is_empty(),
+                max_wildcard_channels: MainConf::limit(m.max_number_of_wildcard_channels),
+            })
+            .unwrap_or_default();
+        if conf.merge(prev).is_err() || conf.check(cf, &main).is_err() {
             return NGX_CONF_ERROR;
         }
         if conf.subscriber.is_some() && conf.sql_hooks().next().is_some() {
@@ -173,7 +179,17 @@ extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
 /// Without PostgreSQL every worker is an island: a message published in one worker would
 /// never reach subscribers held by another. Refuse that instead of losing messages.
 fn check_workers(cycle: &mut ngx_cycle_t) -> Result<(), ()> {
-    let Some(mcf) = HttpPgPushModule::main_conf(cycle) else {
+    let mcf = HttpPgPushModule::main_conf(cycle);
+    if !mcf.is_some_and(|m| m.has_push_locations || m.postgres.is_some()) {
+        // push-stream's notice, which its own setup specs look for
+        ngx::ngx_log_error!(
+            nginx_sys::NGX_LOG_WARN,
+            cycle.log,
+            "ngx_http_push_stream_module will not be used with this configuration. (pgpush is \
+             loaded, but no location uses it)"
+        );
+    }
+    let Some(mcf) = mcf else {
         return Ok(());
     };
     if !mcf.has_push_locations || mcf.postgres.is_some() {

@@ -316,12 +316,14 @@ fn set_value(
         Kind::Size => true,
         _ => false,
     };
+    // push-stream's wording, which its own setup specs look for
+    let name = String::from_utf8_lossy(cmd.name.as_bytes());
     if positive && *field == 0 {
-        return Err(ConfError::invalid(&value, "it must be greater than zero"));
+        return Err(ConfError::invalid(&value, format!("{name} cannot be zero")));
     }
     if let Kind::Str { nonempty: true } = spec.kind {
         if value.is_empty() {
-            return Err(ConfError::invalid(&value, "it must not be empty"));
+            return Err(ConfError::invalid(&value, format!("{name} cannot be blank")));
         }
     }
     Ok(())
@@ -362,7 +364,11 @@ fn set_role<T>(
     let mode = match args(cf).get(1) {
         None => default,
         Some(v) => parse(v.as_bytes()).ok_or_else(|| {
-            ConfError::invalid(v.as_bytes(), format!("it must be one of: {accepted}"))
+            let shown = String::from_utf8_lossy(v.as_bytes());
+            // push-stream's wording, which its own setup specs look for
+            let reason =
+                format!("invalid {directive} mode value: {shown}, accepted values ({accepted})");
+            ConfError::invalid(v.as_bytes(), reason)
         })?,
     };
     *slot = Some(mode);
@@ -445,6 +451,14 @@ fn set_shared_memory_size(cf: &mut ngx_conf_t, field: *mut c_void) -> Result<(),
     let n = unsafe { nginx_sys::ngx_parse_size(&mut v) };
     if n <= 0 {
         return Err(ConfError::invalid(a[1].as_bytes(), "it must be a size, e.g. \"32m\""));
+    }
+    // SAFETY: ngx_pagesize is set before the configuration is read
+    let min = 32 * unsafe { nginx_sys::ngx_pagesize };
+    if (n as usize) < min {
+        // push-stream's wording, which its own setup specs look for
+        let reason =
+            format!("The push_stream_shared_memory_size value must be at least {}KiB", min >> 10);
+        return Err(ConfError::invalid(a[1].as_bytes(), reason));
     }
     *size = n as usize;
     if let Some(name) = a.get(2) {

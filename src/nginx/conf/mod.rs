@@ -126,6 +126,14 @@ impl MainConf {
     }
 }
 
+/// What a location's checks need from the `http` level.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MainChecks {
+    pub has_postgres: bool,
+    pub has_wildcard_prefix: bool,
+    pub max_wildcard_channels: Option<usize>,
+}
+
 /// Where a directive was written, for errors detected after the block is parsed.
 #[derive(Clone, Debug, Default)]
 pub struct Position {
@@ -357,7 +365,8 @@ impl LocConf {
     }
 
     /// Checks that need the merged location, reported at the directive that needs them.
-    pub fn check(&self, cf: &mut ngx_conf_t, has_postgres: bool) -> Result<(), ConfError> {
+    pub fn check(&self, cf: &mut ngx_conf_t, main: &MainChecks) -> Result<(), ConfError> {
+        let has_postgres = main.has_postgres;
         if !has_postgres {
             if let Some(h) = self.sql_hooks().next() {
                 emerg_at(
@@ -370,11 +379,28 @@ impl LocConf {
         }
         if let Some((name, pos)) = &self.role_position {
             if self.channels_path.is_null() && !self.channels_statistics {
+                // push-stream's wording, which its own setup specs look for
                 emerg_at(
                     cf,
                     pos,
-                    format_args!("\"push_stream_channels_path\" must be set for \"{name}\""),
+                    format_args!(
+                        "push stream module: push_stream_channels_path must be set. (\"{name}\" \
+                         needs it)"
+                    ),
                 );
+                return Err(ConfError::Logged);
+            }
+        }
+        if let Some(qtd) = MainConf::limit(self.wildcard_channel_max_qtd) {
+            let problem = if !main.has_wildcard_prefix {
+                Some("cannot set wildcard channel max qtd if push_stream_wildcard_channel_prefix is not set or blank")
+            } else if main.max_wildcard_channels.is_some_and(|max| max < qtd) {
+                Some("max number of wildcard channels cannot be smaller than value in push_stream_wildcard_channel_max_qtd")
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                ngx::ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", problem);
                 return Err(ConfError::Logged);
             }
         }
