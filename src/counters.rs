@@ -20,7 +20,7 @@ use core::mem::size_of;
 
 /// Worker slots: room for two generations of 64 workers during a reload.
 pub const MAX_WORKERS: usize = 128;
-const BLOCK: usize = 96;
+const BLOCK: usize = 64;
 const NIL: u32 = u32::MAX;
 const MAGIC: u64 = 0x7067_7075_7368_0001;
 
@@ -32,7 +32,7 @@ const FLAG_DELETED: u8 = 2;
 const FLAG_PINNED: u8 = 4;
 
 /// Name bytes held in a channel block, and in each continuation block.
-const NAME_INLINE: usize = BLOCK - 52;
+const NAME_INLINE: usize = BLOCK - 42;
 const NAME_CONT: usize = BLOCK - 4;
 
 #[repr(C)]
@@ -64,8 +64,8 @@ struct Header {
 
 #[repr(C)]
 struct Channel {
-    hash: u64,
     published: u64,
+    hash: u32,
     next: u32,
     seq: u32,
     last_active: u32,
@@ -76,7 +76,6 @@ struct Channel {
     name_len: u16,
     kind: u8,
     flags: u8,
-    _pad: [u8; 2],
     name: [u8; NAME_INLINE],
 }
 
@@ -152,11 +151,11 @@ pub struct Counters {
 pub const BLOCK_SIZE: usize = BLOCK;
 
 /// FNV-1a: stable across processes and builds.
-fn hash(id: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+fn hash(id: &[u8]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
     for &b in id {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
     }
     h
 }
@@ -170,10 +169,10 @@ impl Counters {
     pub unsafe fn format(base: *mut u8, len: usize, now: u64) -> Option<Self> {
         let head = size_of::<Header>();
         let rest = len.checked_sub(head)?;
-        // one bucket per 8 blocks keeps chains short until the region is nearly full,
-        // and touches little memory (a page of buckets per 1024 channels)
-        let blocks = rest * 8 / (BLOCK * 8 + 4);
-        let mut buckets = (blocks / 8).next_power_of_two().max(1);
+        // one bucket per 16 blocks keeps chains short until the region is nearly full,
+        // and touches little memory
+        let blocks = rest * 16 / (BLOCK * 16 + 4);
+        let mut buckets = (blocks / 16).next_power_of_two().max(1);
         while buckets * 4 + blocks * BLOCK > rest && buckets > 1 {
             buckets /= 2;
         }
@@ -295,7 +294,7 @@ impl Counters {
     fn find(&self, id: &[u8]) -> Option<(u32, *mut u32)> {
         let h = unsafe { self.header() };
         let hv = hash(id);
-        let mut link = self.bucket_ptr((hv as u32) & (h.buckets - 1));
+        let mut link = self.bucket_ptr(hv & (h.buckets - 1));
         loop {
             let i = unsafe { *link };
             if i == NIL {
@@ -346,7 +345,7 @@ impl Counters {
             }
         }
         let hv = hash(id);
-        let bucket = self.bucket_ptr((hv as u32) & (h.buckets - 1));
+        let bucket = self.bucket_ptr(hv & (h.buckets - 1));
         h.seq += 1;
         let ch = self.channel(i);
         ch.kind = KIND_CHANNEL;
