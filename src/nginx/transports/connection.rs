@@ -176,19 +176,29 @@ pub(super) fn path_channels(
     let (path, limits) = http::channels_path(r);
     let list = channels::parse_path(&path, limits)?;
     let ids: Vec<&[u8]> = list.iter().map(|c| c.id.as_bytes()).collect();
-    check_wildcards(r, &ids)?;
-    if http::loc_conf(r).allow_connections_to_events_channel != 1
-        && ids.iter().any(|id| events::is_events_channel(id))
-    {
-        return Err(ChannelError::EventsChannel);
+    let refused = |why| match why {
+        Refusal::TooManySubscribers => ChannelError::TooManySubscribers,
+        Refusal::NotCreated => ChannelError::NotCreated,
+        Refusal::TooManyChannels | Refusal::Full => ChannelError::TooManyChannels,
+    };
+    // push-stream's order: per channel, in path order, an unauthorized or full channel,
+    // then the events channel; then the wildcard quota; then the number of channels
+    let events_at = (http::loc_conf(r).allow_connections_to_events_channel != 1)
+        .then(|| ids.iter().position(|id| events::is_events_channel(id)))
+        .flatten();
+    let counted = zone::check_join(&ids, &http::counter_limits(r, true)).err();
+    match (counted, events_at) {
+        (Some((k, why @ (Refusal::NotCreated | Refusal::TooManySubscribers))), e)
+            if e.map_or(true, |e| k <= e) =>
+        {
+            return Err(refused(why))
+        }
+        (_, Some(_)) => return Err(ChannelError::EventsChannel),
+        _ => {}
     }
-    let counted = http::counter_limits(r, true);
-    if let Err((_, why)) = zone::check_join(&ids, &counted) {
-        return Err(match why {
-            Refusal::TooManySubscribers => ChannelError::TooManySubscribers,
-            Refusal::NotCreated => ChannelError::NotCreated,
-            Refusal::TooManyChannels | Refusal::Full => ChannelError::TooManyChannels,
-        });
+    check_wildcards(r, &ids)?;
+    if let Some((_, why)) = counted {
+        return Err(refused(why));
     }
     Ok(list.iter().map(|c| channels::pg_channel(limits.pg_prefix, &c.id)).collect())
 }
