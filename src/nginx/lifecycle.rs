@@ -376,11 +376,13 @@ fn deleted(channel: &str, id: &str, text: &[u8]) {
     if let Some(ch) = unlisten {
         worker::with(|w| w.unlisten(ch));
     }
-    settle();
+    // before settle(): a flush may finalize its transport, so a key is used only while
+    // nothing but its own finish() can have freed it (each key is here once)
     for key in finished {
-        // SAFETY: still live: only its own finish may free it, and each key is once here
+        // SAFETY: live: nothing was flushed since the hub listed it
         unsafe { key.get() }.finish();
     }
+    settle();
 }
 
 /// The side connection came back: notifications sent while it was down are lost, and every
