@@ -348,8 +348,7 @@ EOF
 my %warned = map { $_ => 1 } $pout =~ /"(push_stream_\w+)" has no effect yet/g;
 is(join(' ', sort keys %warned),
 	join(' ', sort qw/push_stream_last_event_id push_stream_max_messages_stored_per_channel
-		push_stream_message_ttl push_stream_padding_by_user_agent push_stream_store_messages
-		push_stream_user_agent/),
+		push_stream_message_ttl push_stream_store_messages/),
 	'of push-stream 0.6.0\'s directives, only those the README lists as not built warn')
 	or diag($pout);
 my ($differences) = $readme =~ /^## Differences from push-stream\n(.*?)^## /ms;

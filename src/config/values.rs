@@ -132,6 +132,41 @@ pub struct Padding {
     pub message_size: usize,
 }
 
+/// push-stream's padding after a header or message of `len` bytes when the rule asks for
+/// `min`: nothing if it is long enough, else the shortfall rounded up to the next 100 bytes,
+/// at most `max` (the largest size of the location's rules), which is used as it is once
+/// the shortfall reaches its last hundred.
+pub fn padding_len(min: usize, len: usize, max: usize) -> usize {
+    if min <= len {
+        return 0;
+    }
+    let step = (min - len) / 100;
+    if step >= max / 100 {
+        max
+    } else {
+        (step + 1) * 100
+    }
+}
+
+/// Padding bytes: `\r\n` pairs (aligned to end on `\n`), or for EventSource a comment
+/// line of colons.
+pub fn padding_bytes(n: usize, eventsource: bool, out: &mut Vec<u8>) {
+    if n == 0 {
+        return;
+    }
+    if eventsource {
+        out.extend(core::iter::repeat(b':').take(n - 1));
+        out.push(b'\n');
+    } else {
+        if n % 2 == 1 {
+            out.push(b'\n');
+        }
+        for _ in 0..n / 2 {
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
 pub fn padding_by_user_agent(v: &str) -> Result<Vec<Padding>, ValueError> {
     let entry = |entry: &str| -> Option<Padding> {
         let mut it = entry.rsplitn(3, ',');
@@ -220,6 +255,20 @@ mod tests {
         // a regex may itself contain commas
         let p = padding_by_user_agent("a{1,2},1,2").unwrap();
         assert_eq!(p[0].user_agent, "a{1,2}");
+        // push-stream's specs: rules 1024/508 and 4097/0, a 10-byte header
+        assert_eq!(padding_len(1024, 10, 4097), 1100);
+        assert_eq!(padding_len(4097, 10, 4097), 4097);
+        assert_eq!(padding_len(0, 10, 4097), 0);
+        assert_eq!(padding_len(508, 10, 508), 500);
+        let sizes: Vec<usize> =
+            [1, 105, 221, 331, 435, 502, 550].iter().map(|&l| padding_len(545, l, 545)).collect();
+        assert_eq!(sizes, [545, 500, 400, 300, 200, 100, 0]);
+        let mut p = Vec::new();
+        padding_bytes(6, false, &mut p);
+        assert_eq!(p, b"\r\n\r\n\r\n");
+        p.clear();
+        padding_bytes(5, true, &mut p);
+        assert_eq!(p, b"::::\n");
         let bad = |v: &str| padding_by_user_agent(v).unwrap_err().to_string();
         assert_eq!(bad("user_agent,as,df"), "padding pattern not match the value user_agent,as,df");
         assert_eq!(

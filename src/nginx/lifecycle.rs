@@ -75,7 +75,7 @@ pub trait Transport {
 /// Identifies how a message is encoded: the transport kind and its location's template.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Encoding {
-    pub kind: u8,
+    pub kind: u16,
     pub template: *const (),
 }
 

@@ -187,8 +187,8 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 48] = [
     any_if!("push_stream_last_received_message_time", T1, last_received_message_time, Complex, READY),
     any_if!("push_stream_last_received_message_tag", T1, last_received_message_tag, Complex, READY),
     any_if!("push_stream_last_event_id", T1, last_event_id, Complex, NOT_YET),
-    any!("push_stream_user_agent", T1, user_agent, Complex, NOT_YET),
-    any!("push_stream_padding_by_user_agent", T1, padding_by_user_agent, Custom(set_padding_by_user_agent), NOT_YET),
+    any!("push_stream_user_agent", T1, user_agent, Complex, READY),
+    any!("push_stream_padding_by_user_agent", T1, padding_by_user_agent, Custom(set_padding_by_user_agent), READY),
     any!("push_stream_allowed_origins", T1, allowed_origins, Complex, READY),
     any_if!("push_stream_allow_connections_to_events_channel", T1, allow_connections_to_events_channel, Flag, READY),
 
@@ -513,9 +513,42 @@ fn set_padding_by_user_agent(cf: &mut ngx_conf_t, field: *mut c_void) -> Result<
     let v = args(cf)[1];
     let s = core::str::from_utf8(v.as_bytes())
         .map_err(|_| ConfError::invalid(v.as_bytes(), "it must be UTF-8"))?;
-    *slot =
-        Some(values::padding_by_user_agent(s).map_err(|e| ConfError::invalid(v.as_bytes(), e))?);
+    let rules =
+        values::padding_by_user_agent(s).map_err(|e| ConfError::invalid(v.as_bytes(), e))?;
+    let mut compiled = Vec::with_capacity(rules.len());
+    for rule in &rules {
+        compiled.push(compile_regex(cf, &rule.user_agent)?);
+    }
+    *slot = Some(rules);
+    // SAFETY: a location-level setter
+    unsafe { loc_conf_of(cf) }.padding_regex = compiled;
     Ok(())
+}
+
+/// A user-agent pattern, compiled by nginx's PCRE wrapper in the configuration pool.
+fn compile_regex(
+    cf: &mut ngx_conf_t,
+    pattern: &str,
+) -> Result<*mut nginx_sys::ngx_regex_t, ConfError> {
+    let mut errstr = [0u8; nginx_sys::NGX_MAX_CONF_ERRSTR as usize];
+    // SAFETY: an all-zero compile request is nginx's own starting point
+    let mut rc: nginx_sys::ngx_regex_compile_t = unsafe { core::mem::zeroed() };
+    // SAFETY: configuration pool memory, as long-lived as the regex compiled from it
+    let data = unsafe { nginx_sys::ngx_pnalloc(cf.pool, pattern.len().max(1)) }.cast::<u8>();
+    if data.is_null() {
+        return Err(ConfError::Logged);
+    }
+    // SAFETY: data has room for the pattern
+    unsafe { ptr::copy_nonoverlapping(pattern.as_ptr(), data, pattern.len()) };
+    rc.pattern = ngx_str_t { len: pattern.len(), data };
+    rc.pool = cf.pool;
+    rc.err = ngx_str_t { len: errstr.len(), data: errstr.as_mut_ptr() };
+    // SAFETY: rc is filled as nginx expects
+    if unsafe { nginx_sys::ngx_regex_compile(&mut rc) } != nginx_sys::NGX_OK as isize {
+        let why = String::from_utf8_lossy(rc.err.as_bytes()).into_owned();
+        return Err(ConfError::invalid(pattern.as_bytes(), why));
+    }
+    Ok(rc.regex)
 }
 
 fn set_postgres(cf: &mut ngx_conf_t, field: *mut c_void) -> Result<(), ConfError> {

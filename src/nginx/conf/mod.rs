@@ -186,6 +186,8 @@ pub struct LocConf {
     pub last_event_id: *mut ngx_http_complex_value_t,
     pub user_agent: *mut ngx_http_complex_value_t,
     pub padding_by_user_agent: Option<Vec<Padding>>,
+    /// The rules' user-agent patterns, compiled (same order).
+    pub padding_regex: Vec<*mut nginx_sys::ngx_regex_t>,
     pub allowed_origins: *mut ngx_http_complex_value_t,
     pub allow_connections_to_events_channel: ngx_flag_t,
 
@@ -227,6 +229,7 @@ impl Default for LocConf {
             last_event_id: NGX_CONF_UNSET_PTR,
             user_agent: NGX_CONF_UNSET_PTR,
             padding_by_user_agent: None,
+            padding_regex: Vec::new(),
             allowed_origins: NGX_CONF_UNSET_PTR,
             allow_connections_to_events_channel: NGX_CONF_UNSET as ngx_flag_t,
             client_subscribed_request: NGX_CONF_UNSET_PTR,
@@ -281,6 +284,7 @@ impl Merge for LocConf {
         merge_ptr(&mut self.user_agent, prev.user_agent);
         if self.padding_by_user_agent.is_none() {
             self.padding_by_user_agent.clone_from(&prev.padding_by_user_agent);
+            self.padding_regex.clone_from(&prev.padding_regex);
         }
         merge_ptr(&mut self.allowed_origins, prev.allowed_origins);
         merge(

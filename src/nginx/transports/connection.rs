@@ -35,6 +35,7 @@ use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 use tungstenite::Message;
 
+use crate::config::values;
 use crate::counters::Refusal;
 use crate::nginx::conf::{LocConf, MainConf};
 use crate::nginx::events::{self, Event};
@@ -105,6 +106,9 @@ pub enum Framing {
     Stream {
         eventsource: bool,
         chunked: bool,
+        /// `push_stream_padding_by_user_agent`: the rule the client's user agent matched,
+        /// from 1; 0 for none.
+        padding: u8,
     },
 }
 
@@ -227,7 +231,29 @@ fn subscribe_stream(r: &mut ngx_http_request_t, eventsource: bool) -> Result<ngx
         Err(e) => return Ok(http::send_explain(r, e.status().into(), &e.to_string())),
     };
     let chunked = r.http_version >= nginx_sys::NGX_HTTP_VERSION_11 as usize;
-    start(r, channels, None, Framing::Stream { eventsource, chunked })
+    let padding = padding_rule(r);
+    start(r, channels, None, Framing::Stream { eventsource, chunked, padding })
+}
+
+/// The first `push_stream_padding_by_user_agent` rule that matches the client's user
+/// agent (`push_stream_user_agent`, else the `User-Agent` header), from 1; 0 for none.
+fn padding_rule(r: &mut ngx_http_request_t) -> u8 {
+    let lcf = http::loc_conf(r);
+    if lcf.padding_regex.is_empty() {
+        return 0;
+    }
+    let agent = if lcf.user_agent.is_null() {
+        http::header_in(r, "User-Agent").map(<[u8]>::to_vec)
+    } else {
+        http::complex_value(r, lcf.user_agent)
+    };
+    let Some(mut agent) = agent.filter(|a| !a.is_empty()) else { return 0 };
+    let mut s = nginx_sys::ngx_str_t { len: agent.len(), data: agent.as_mut_ptr() };
+    lcf.padding_regex
+        .iter()
+        // SAFETY: compiled at configuration time; s points at the agent's bytes
+        .position(|&re| unsafe { nginx_sys::ngx_regex_exec(re, &mut s, ptr::null_mut(), 0) } >= 0)
+        .map_or(0, |k| (k + 1).min(usize::from(u8::MAX)) as u8)
 }
 
 /// Admits the subscriber, joins its channels and holds the request until it is ready.
@@ -391,7 +417,7 @@ thread_local! {
 
 /// Subscribers of one location share encoded frames; the identity template is shared by
 /// all.
-const KIND: u8 = 1;
+const KIND: u16 = 1;
 
 impl Transport for Subscriber {
     fn subscription(&mut self) -> &mut Subscription {
@@ -417,8 +443,8 @@ impl Transport for Subscriber {
         let template = if identity { ptr::null() } else { ptr::from_ref(self.lcf).cast() };
         let kind = match self.framing {
             Framing::WebSocket => KIND,
-            Framing::Stream { eventsource, chunked } => {
-                KIND + 1 + 2 * u8::from(eventsource) + u8::from(!chunked)
+            Framing::Stream { eventsource, chunked, padding } => {
+                KIND + 1 + 2 * u16::from(eventsource) + u16::from(!chunked) + 4 * u16::from(padding)
             }
         };
         Encoding { kind, template }
@@ -443,7 +469,23 @@ impl Transport for Subscriber {
             }
         };
         let mut buf = Vec::with_capacity(body.len() + 10);
-        self.framing.frame(op, body, &mut buf);
+        match self.padding() {
+            Some((rule, max)) if !message.binary => {
+                // push-stream measures the formatted message, without its id and event lines
+                let prefix = if eventsource {
+                    let id = message.event_id.len();
+                    let ty = message.event_type.len();
+                    usize::from(id > 0) * (id + 5) + usize::from(ty > 0) * (ty + 8)
+                } else {
+                    0
+                };
+                let mut padded = body.to_vec();
+                let n = values::padding_len(rule.message_size, body.len() - prefix, max);
+                values::padding_bytes(n, eventsource, &mut padded);
+                self.framing.frame(op, &padded, &mut buf);
+            }
+            _ => self.framing.frame(op, body, &mut buf),
+        }
         Rc::from(buf)
     }
 
@@ -504,6 +546,15 @@ impl Transport for Subscriber {
 }
 
 impl Subscriber {
+    /// The padding rule of this stream subscriber and the location's largest padding.
+    fn padding(&self) -> Option<(&'static values::Padding, usize)> {
+        let Framing::Stream { padding, .. } = self.framing else { return None };
+        let rules = self.lcf.padding_by_user_agent.as_deref()?;
+        let rule = rules.get(usize::from(padding).checked_sub(1)?)?;
+        let max = rules.iter().map(|p| p.header_size.max(p.message_size)).max().unwrap_or(0);
+        Some((rule, max))
+    }
+
     fn log(&self) -> *mut nginx_sys::ngx_log_t {
         // SAFETY: c is live while the subscriber is
         unsafe { (*self.c).log }
@@ -526,7 +577,7 @@ impl Subscriber {
                 self.out.push(Rc::from(ws::response_head(&hs.accept, explain)));
                 refusal = hs.refusal;
             }
-            Framing::Stream { eventsource, chunked } => {
+            Framing::Stream { eventsource, chunked, .. } => {
                 r.headers_out.status = nginx_sys::NGX_HTTP_OK as _;
                 let content_type = if eventsource {
                     String::from("text/event-stream; charset=utf-8")
@@ -553,15 +604,20 @@ impl Subscriber {
             return Ok(());
         }
         let header = self.lcf.header_template.as_bytes();
-        match self.framing {
+        let mut head = match self.framing {
             Framing::Stream { eventsource: true, .. } if header.is_empty() => {
-                self.push_text(stream::EVENTSOURCE_HEADER)
+                stream::EVENTSOURCE_HEADER.to_vec()
             }
-            Framing::Stream { eventsource: true, .. } => {
-                self.push_text(&stream::eventsource_comments(header))
+            Framing::Stream { eventsource: true, .. } => stream::eventsource_comments(header),
+            _ => header.to_vec(),
+        };
+        if !head.is_empty() {
+            if let Some((rule, max)) = self.padding() {
+                let n = values::padding_len(rule.header_size, head.len(), max);
+                let eventsource = matches!(self.framing, Framing::Stream { eventsource: true, .. });
+                values::padding_bytes(n, eventsource, &mut head);
             }
-            _ if !header.is_empty() => self.push_text(header),
-            _ => {}
+            self.push_text(&head);
         }
         self.arm_ping();
         if self.lcf.subscriber_connection_ttl != nginx_sys::NGX_CONF_UNSET as ngx_msec_t {
@@ -664,7 +720,7 @@ impl Subscriber {
             return;
         }
         let footer = self.lcf.footer_template.as_bytes();
-        if let Framing::Stream { eventsource, chunked } = self.framing {
+        if let Framing::Stream { eventsource, chunked, .. } = self.framing {
             if eventsource {
                 self.push_text(&stream::eventsource_comments(footer));
             } else if !footer.is_empty() {

@@ -19,7 +19,7 @@ use crate::postgres::cells::Reply;
 use crate::protocol::template::Values;
 
 /// Long-pollers of one location share an encoded message.
-const KIND: u8 = 20;
+const KIND: u16 = 0x8000;
 
 pub struct LongPoller {
     r: *mut ngx_http_request_t,
