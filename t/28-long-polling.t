@@ -26,7 +26,7 @@ use PgPush::PG;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(17);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(18);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -101,8 +101,17 @@ publish('news', 'hello');
 my $r = read_all($s);
 like($r, qr/^HTTP\/1\.1 200 OK/, 'a waiting request is answered by the next message');
 like($r, qr/\r\n\r\n<hello>\z/, 'with the header and footer templates');
-like($r, qr/^Etag: W\/0\r$/m, 'Etag');
-like($r, qr/^Last-Modified: \w{3}, /m, 'Last-Modified');
+like($r, qr/^Etag: W\/[1-9]\d*\r$/m, 'Etag: the message\'s tag');
+like($r, qr/^Last-Modified: \w{3}, /m, 'Last-Modified: its time');
+
+# push-stream's tags number the messages of one second from 1
+my @lp = map { start_get("/lp?id=tag$_") } 1 .. 2;
+sleep(0.3);
+publish("tag$_", "t$_") for 1 .. 2;
+my @r = map { read_all($_) } @lp;
+my @lm = map { /^Last-Modified: (.*?)\r$/m } @r;
+my @tag = map { /^Etag: W\/(\d+)\r$/m } @r;
+is($tag[1], $lm[0] eq $lm[1] ? $tag[0] + 1 : 1, 'a second message in the same second has the next tag');
 like($r, qr/^Content-Type: text\/plain\r$/m, "the location's content type");
 
 $s = start_get('/lp?id=news&callback=cb');

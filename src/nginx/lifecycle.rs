@@ -322,6 +322,34 @@ pub fn listening(channels: &[String]) {
     }
 }
 
+thread_local! {
+    /// The second and tag of the last message delivered.
+    static CLOCK: core::cell::Cell<(i64, u64)> = const { core::cell::Cell::new((0, 0)) };
+    /// Those of the message being fanned out; (0, 0) for push-stream's own messages
+    /// (deleted, gap), which carry none.
+    static CURRENT: core::cell::Cell<(i64, u64)> = const { core::cell::Cell::new((0, 0)) };
+}
+
+/// push-stream's tag: messages in the same second are numbered from 1. Worker-local until
+/// stored messages give every message one (issue 11).
+fn next_stamp() -> (i64, u64) {
+    // SAFETY: nginx's cached time is always set
+    let sec = unsafe { (*nginx_sys::ngx_cached_time).sec } as i64;
+    CLOCK.with(|c| {
+        let (last, tag) = c.get();
+        let stamp = (sec, if last == sec { tag + 1 } else { 1 });
+        c.set(stamp);
+        CURRENT.with(|cur| cur.set(stamp));
+        stamp
+    })
+}
+
+/// The time and tag of the message being delivered (`Last-Modified` and `Etag` of a
+/// long-poll answered with it).
+pub fn current_stamp() -> (i64, u64) {
+    CURRENT.with(core::cell::Cell::get)
+}
+
 /// push-stream's id of the message that tells a channel was deleted.
 pub const DELETED_ID: i64 = -2;
 
@@ -339,7 +367,9 @@ pub fn deliver(channel: &str, payload: &str) {
     let (text, binary) = (message.bytes(), message.is_binary());
     let event_id = meta.event_id.as_deref().unwrap_or_default();
     let event_type = meta.event_type.as_deref().unwrap_or_default();
-    let values = Values { text, binary, channel: id, id: n as i64, event_id, event_type, ..now() };
+    let (_, tag) = next_stamp();
+    let values =
+        Values { text, binary, channel: id, id: n as i64, event_id, event_type, tag, ..now() };
     fan_out(&keys, &values);
 }
 
@@ -350,6 +380,7 @@ fn deleted(channel: &str, id: &str, text: &[u8]) {
     if keys.is_empty() {
         return;
     }
+    CURRENT.with(|cur| cur.set((0, 0)));
     fan_out(&keys, &Values { text, channel: id, id: DELETED_ID, ..now() });
     let mut unlisten = None;
     let mut finished = Vec::new();
@@ -395,6 +426,7 @@ pub fn gap() {
     let prefix_len = worker::with(|w| w.prefix.len()).unwrap_or(0);
     for (channel, keys) in channels {
         let id = channel.get(prefix_len..).unwrap_or(&channel);
+        CURRENT.with(|cur| cur.set((0, 0)));
         fan_out(&keys, &Values { channel: id, id: GAP_ID, event_type: "gap", ..now() });
     }
 }

@@ -101,14 +101,17 @@ pub fn encode_close(code: u16, reason: &str, out: &mut Vec<u8>) {
     encode(OP_CLOSE, &payload, out);
 }
 
-/// The `101` response head, push-stream's: only the headers WebSocket needs (and the
-/// explanation of a refused channel, which then follows as a 1008 close frame).
+/// The `101` response head, push-stream's: only the headers WebSocket needs, its no-cache
+/// headers, and the explanation of a refused channel, which then follows as a 1008 close
+/// frame.
 pub fn response_head(accept: &str, explain: Option<&str>) -> Vec<u8> {
-    let mut h = Vec::with_capacity(160);
+    let mut h = Vec::with_capacity(256);
     h.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\n");
     h.extend_from_slice(b"Connection: Upgrade\r\nSec-WebSocket-Accept: ");
     h.extend_from_slice(accept.as_bytes());
     h.extend_from_slice(b"\r\n");
+    h.extend_from_slice(b"Expires: Thu, 01 Jan 1970 00:00:01 GMT\r\n");
+    h.extend_from_slice(b"Cache-Control: no-cache, no-store, must-revalidate\r\n");
     if let Some(e) = explain {
         h.extend_from_slice(b"X-Nginx-PushStream-Explain: ");
         h.extend_from_slice(e.as_bytes());
@@ -186,7 +189,9 @@ mod tests {
         assert_eq!(
             h,
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+              Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\
+              Expires: Thu, 01 Jan 1970 00:00:01 GMT\r\n\
+              Cache-Control: no-cache, no-store, must-revalidate\r\n\r\n"
         );
         let h = String::from_utf8(response_head("k", Some("No channel id provided."))).unwrap();
         assert!(h.ends_with("X-Nginx-PushStream-Explain: No channel id provided.\r\n\r\n"));

@@ -25,8 +25,8 @@ pub struct LongPoller {
     r: *mut ngx_http_request_t,
     lcf: &'static LocConf,
     sub: Subscription,
-    /// The message that answers this request.
-    answer: Option<Rc<[u8]>>,
+    /// The message that answers this request, with its time and tag.
+    answer: Option<(Rc<[u8]>, i64, u64)>,
     done: bool,
 }
 
@@ -114,9 +114,9 @@ impl LongPoller {
                 ..Values::default()
             };
             let body = self.render(&v);
-            self.respond(200, &body);
+            self.respond(200, &body, None);
         } else {
-            self.respond(304, &[]);
+            self.respond(304, &[], None);
         }
     }
 
@@ -130,8 +130,9 @@ impl LongPoller {
     }
 
     /// Answers and finalizes: the header and footer templates around a message, JSONP
-    /// with `?callback=`; `304` has no body.
-    fn respond(&mut self, status: u32, message: &[u8]) {
+    /// with `?callback=`; `304` has no body. A message's time and tag are its
+    /// `Last-Modified` and `Etag`, else now and `W/0`.
+    fn respond(&mut self, status: u32, message: &[u8], stamp: Option<(i64, u64)>) {
         self.done = true;
         // SAFETY: a waiting request is alive (its cleanup ends the poller)
         let r = unsafe { &mut *self.r };
@@ -160,9 +161,11 @@ impl LongPoller {
             // SAFETY: the request is alive
             unsafe { nginx_sys::ngx_http_set_content_type(r) };
         }
-        r.headers_out.last_modified_time = nginx_sys::ngx_time();
+        let (sec, tag) = stamp.unwrap_or((nginx_sys::ngx_time() as i64, 0));
+        r.headers_out.last_modified_time = sec as _;
+        let etag = format!("W/{tag}");
         let headers = [
-            ("Etag", "W/0"),
+            ("Etag", etag.as_str()),
             ("Expires", "Thu, 01 Jan 1970 00:00:01 GMT"),
             ("Cache-Control", "no-cache, no-store, must-revalidate"),
         ];
@@ -212,7 +215,8 @@ impl Transport for LongPoller {
 
     fn queue(&mut self, encoded: Rc<[u8]>, _channel: &str) {
         if self.answer.is_none() {
-            self.answer = Some(encoded);
+            let (sec, tag) = lifecycle::current_stamp();
+            self.answer = Some((encoded, sec, tag));
         }
     }
 
@@ -220,14 +224,14 @@ impl Transport for LongPoller {
         if self.done {
             return;
         }
-        if let Some(m) = self.answer.take() {
-            self.respond(200, &m);
+        if let Some((m, sec, tag)) = self.answer.take() {
+            self.respond(200, &m, (sec > 0).then_some((sec, tag)));
         }
     }
 
     fn going_away(&mut self) {
         if !self.done {
-            self.respond(304, &[]);
+            self.respond(304, &[], None);
         }
     }
 
