@@ -334,7 +334,7 @@ thread_local! {
 /// stored messages give every message one (issue 11).
 fn next_stamp() -> (i64, u64) {
     // SAFETY: nginx's cached time is always set
-    let sec = unsafe { (*nginx_sys::ngx_cached_time).sec } as i64;
+    let sec: i64 = unsafe { (*nginx_sys::ngx_cached_time).sec };
     CLOCK.with(|c| {
         let (last, tag) = c.get();
         let stamp = (sec, if last == sec { tag + 1 } else { 1 });
