@@ -8,6 +8,7 @@
 //! memory again. Every phase is bounded by --deadline.
 
 mod churn;
+mod eventsource;
 mod procfs;
 mod publish;
 mod subscribe;
@@ -56,7 +57,8 @@ impl PublishVia {
 #[derive(Debug, Parser)]
 #[command(name = "pgpush-loadgen", version)]
 struct Args {
-    /// WebSocket URL; {channel} is replaced by the subscriber's channel name.
+    /// Subscriber URL: ws:// for WebSocket subscribers, http:// for EventSource ones;
+    /// {channel} is replaced by the subscriber's channel name.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws?id={channel}")]
     url: String,
     /// Number of WebSocket subscribers; subscriber i listens on channel i % channels.
@@ -199,6 +201,9 @@ fn check(args: &Args) -> Result<(), String> {
         }
         if args.churn_concurrency == 0 {
             return Err("--churn-concurrency must be at least 1".into());
+        }
+        if args.url.starts_with("http://") {
+            return Err("--churn needs WebSocket subscribers (a ws:// --url)".into());
         }
     }
     util::parse_url(&args.url)?;

@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use crate::eventsource;
 use crate::util::{now_ns, parse_t};
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -119,6 +120,9 @@ impl Subscriber {
     pub async fn run(mut self) -> Outcome {
         let mut out = Outcome::default();
         let shared = self.shared.clone();
+        if self.url.starts_with("http://") {
+            return self.run_eventsource().await;
+        }
         let ws = {
             let permit = tokio::select! {
                 p = self.limit.acquire() => p,
@@ -149,15 +153,7 @@ impl Subscriber {
         let mut out = Outcome::default();
         let shared = self.shared.clone();
         let leave = self.leave.take();
-        let left = async move {
-            let told = match leave {
-                Some(rx) => rx.await.is_ok(),
-                None => false,
-            };
-            if !told {
-                std::future::pending::<()>().await
-            }
-        };
+        let left = told_to_leave(leave);
         tokio::pin!(left);
         // One stop future for the whole loop: making a new one per frame costs more than
         // the frame itself.
@@ -206,6 +202,66 @@ impl Subscriber {
         out
     }
 
+    /// The same for an EventSource subscriber (churn is WebSocket only: told to leave, it
+    /// drops its connection).
+    async fn run_eventsource(mut self) -> Outcome {
+        let mut out = Outcome::default();
+        let shared = self.shared.clone();
+        let es = {
+            let permit = tokio::select! {
+                p = self.limit.acquire() => p,
+                _ = self.stop.changed() => return out,
+            };
+            let res = tokio::select! {
+                r = eventsource::connect(&self.url, self.connect_timeout) => r,
+                _ = self.stop.changed() => return out,
+            };
+            drop(permit);
+            match res {
+                Ok(es) => es,
+                Err(e) => {
+                    shared.failed.fetch_add(1, Ordering::Relaxed);
+                    out.error = Some(e);
+                    return out;
+                }
+            }
+        };
+        shared.per_channel[self.channel].fetch_add(1, Ordering::Relaxed);
+        shared.connected.fetch_add(1, Ordering::Relaxed);
+        let mut es = es;
+        let mut stop = self.stop.clone();
+        let stopped = stop.changed();
+        tokio::pin!(stopped);
+        let leave = self.leave.take();
+        let left = told_to_leave(leave);
+        tokio::pin!(left);
+        loop {
+            let event = tokio::select! {
+                biased;
+                _ = &mut stopped => break,
+                _ = &mut left => {
+                    out.left = true;
+                    break;
+                }
+                e = es.next_event() => e,
+            };
+            match event {
+                Some(Ok(data)) => self.record(&mut out, &data),
+                Some(Err(e)) => {
+                    out.error = Some(e);
+                    shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                None => {
+                    out.error = Some("stream ended".into());
+                    shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+        out
+    }
+
     fn record(&self, out: &mut Outcome, data: &[u8]) {
         let now = now_ns();
         match parse_t(data) {
@@ -225,6 +281,17 @@ impl Subscriber {
         }
         self.shared.received.fetch_add(1, Ordering::Relaxed);
         self.shared.last_recv_ns.fetch_max(now, Ordering::Relaxed);
+    }
+}
+
+/// Resolves when the churn phase says to leave; never if it does not (or drops its sender).
+async fn told_to_leave(leave: Option<oneshot::Receiver<()>>) {
+    let told = match leave {
+        Some(rx) => rx.await.is_ok(),
+        None => false,
+    };
+    if !told {
+        std::future::pending::<()>().await
     }
 }
 
