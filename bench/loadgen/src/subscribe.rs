@@ -118,33 +118,44 @@ pub struct Subscriber {
 impl Subscriber {
     /// Connects (under the concurrency limit) and then serves: the initial subscribers.
     pub async fn run(mut self) -> Outcome {
-        let mut out = Outcome::default();
-        let shared = self.shared.clone();
-        if self.url.starts_with("http://") {
-            return self.run_eventsource().await;
+        let url = self.url.clone();
+        if url.starts_with("http://") {
+            return self.run_eventsource(&url).await;
         }
-        let ws = {
-            let permit = tokio::select! {
-                p = self.limit.acquire() => p,
-                _ = self.stop.changed() => return out,
-            };
-            let res = tokio::select! {
-                r = connect(&self.url, self.connect_timeout) => r,
-                _ = self.stop.changed() => return out,
-            };
-            drop(permit);
-            match res {
-                Ok(ws) => ws,
-                Err(e) => {
-                    shared.failed.fetch_add(1, Ordering::Relaxed);
-                    out.error = Some(e);
-                    return out;
-                }
-            }
+        match self.admit(connect(&url, self.connect_timeout)).await {
+            Ok(ws) => self.serve(ws).await,
+            Err(out) => out,
+        }
+    }
+
+    /// Connects under the concurrency limit and counts the subscriber in; `Err` is the
+    /// outcome to return (stopped first, or failed).
+    async fn admit<T>(
+        &mut self,
+        connect: impl std::future::Future<Output = Result<T, String>>,
+    ) -> Result<T, Outcome> {
+        let mut out = Outcome::default();
+        let permit = tokio::select! {
+            p = self.limit.acquire() => p,
+            _ = self.stop.changed() => return Err(out),
         };
-        shared.per_channel[self.channel].fetch_add(1, Ordering::Relaxed);
-        shared.connected.fetch_add(1, Ordering::Relaxed);
-        self.serve(ws).await
+        let res = tokio::select! {
+            r = connect => r,
+            _ = self.stop.changed() => return Err(out),
+        };
+        drop(permit);
+        match res {
+            Ok(c) => {
+                self.shared.per_channel[self.channel].fetch_add(1, Ordering::Relaxed);
+                self.shared.connected.fetch_add(1, Ordering::Relaxed);
+                Ok(c)
+            }
+            Err(e) => {
+                self.shared.failed.fetch_add(1, Ordering::Relaxed);
+                out.error = Some(e);
+                Err(out)
+            }
+        }
     }
 
     /// Reads frames from an open connection until told to stop or to leave, or until the
@@ -204,30 +215,13 @@ impl Subscriber {
 
     /// The same for an EventSource subscriber (churn is WebSocket only: told to leave, it
     /// drops its connection).
-    async fn run_eventsource(mut self) -> Outcome {
+    async fn run_eventsource(mut self, url: &str) -> Outcome {
+        let es = match self.admit(eventsource::connect(url, self.connect_timeout)).await {
+            Ok(es) => es,
+            Err(out) => return out,
+        };
         let mut out = Outcome::default();
         let shared = self.shared.clone();
-        let es = {
-            let permit = tokio::select! {
-                p = self.limit.acquire() => p,
-                _ = self.stop.changed() => return out,
-            };
-            let res = tokio::select! {
-                r = eventsource::connect(&self.url, self.connect_timeout) => r,
-                _ = self.stop.changed() => return out,
-            };
-            drop(permit);
-            match res {
-                Ok(es) => es,
-                Err(e) => {
-                    shared.failed.fetch_add(1, Ordering::Relaxed);
-                    out.error = Some(e);
-                    return out;
-                }
-            }
-        };
-        shared.per_channel[self.channel].fetch_add(1, Ordering::Relaxed);
-        shared.connected.fetch_add(1, Ordering::Relaxed);
         let mut es = es;
         let mut stop = self.stop.clone();
         let stopped = stop.changed();
