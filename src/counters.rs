@@ -59,6 +59,8 @@ struct Header {
     channels_in_delete: u32,
     /// Channels that found no free block, since the last report.
     full: u32,
+    /// When a worker last dropped idle channels (one sweep serves every worker).
+    swept: u64,
     workers: [WorkerSlot; MAX_WORKERS],
 }
 
@@ -674,6 +676,17 @@ impl Counters {
         true
     }
 
+    /// Whether a sweep is due: none ran in the last `every` seconds (then this caller
+    /// runs it); every worker's timer asks, one of them sweeps.
+    pub fn sweep_due(&mut self, now: u64, every: u64) -> bool {
+        let h = unsafe { self.header() };
+        if now.saturating_sub(h.swept) < every {
+            return false;
+        }
+        h.swept = now;
+        true
+    }
+
     /// Drops channels without subscribers: deleted ones at once, others once inactive for
     /// `inactivity` seconds. Returns the ids dropped that were not deleted.
     pub fn collect(&mut self, now: u64, inactivity: u64) -> Vec<Vec<u8>> {
@@ -806,6 +819,9 @@ mod tests {
         assert_eq!(c.info(b"news").unwrap().subscribers, 1);
         assert_eq!(c.summary().subscribers, 1);
         assert!(c.collect(2000, 30).is_empty(), "a channel with a subscriber stays");
+        assert!(c.sweep_due(2000, 4));
+        assert!(!c.sweep_due(2003, 4), "another worker swept a moment ago");
+        assert!(c.sweep_due(2004, 4));
         c.leave(b"news", w, 1001);
         assert!(c.collect(1010, 30).is_empty(), "not inactive yet");
         c.pin(b"events", 1000);

@@ -219,6 +219,10 @@ extern "C" fn on_sweep(ev: *mut ngx_event_t) {
         .unwrap_or((30, None));
     let (full, gone) = locked(|c, _, _| {
         c.reclaim(alive);
+        // a second of slack: the timers of the workers drift apart
+        if !c.sweep_due(now(), (SWEEP_EVERY / 1000) as u64 - 1) {
+            return (0, Vec::new());
+        }
         let gone = c.collect(now(), inactivity);
         (c.take_full(), gone)
     })
