@@ -28,7 +28,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(53);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(54);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -209,6 +209,7 @@ is(join(',', map { $_->{channel} } @{$all->{infos}}), 'ch1,a1,a2,cnt',
 my $pre = decode_json(body(get('/stats?id=a*')));
 is(join(',', map { $_->{channel} } @{$pre->{infos}}), 'a1,a2', 'a prefix*');
 is(decode_json(body(get('/stats?id=cnt')))->{subscribers}, 1, 'one channel');
+is(decode_json(body(get('/stats?id=cnt.b5')))->{channel}, 'cnt', 'a .bN backtrack is not part of the id');
 like(get('/stats?id=missing'), qr/^HTTP\/1\.1 404/, 'a missing channel: 404');
 like(http("POST /stats HTTP/1.0\r\nHost: localhost\r\nContent-Length: 1\r\n\r\nx"),
 	qr/^HTTP\/1\.1 405.*Allow: GET/s, 'statistics take GET only');

@@ -39,6 +39,8 @@ pub extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     let mut found = Vec::new();
     let mut named = 0;
     for seg in path.split(|&b| b == b'/').filter(|s| !s.is_empty()) {
+        // the same path syntax as everywhere: a `.bN` backtrack is not part of the id
+        let (seg, _) = channels::split_backtrack(seg);
         if limits.max_id_length.is_some_and(|max| seg.len() > max) {
             return http::send_explain(r, 400, "Channel id is too large.");
         }

@@ -102,7 +102,8 @@ pub fn check_id(id: &[u8], limits: Limits<'_>) -> Result<String, ChannelError> {
     Ok(id.to_string())
 }
 
-fn split_backtrack(seg: &[u8]) -> (&[u8], u32) {
+/// A path segment without its `.bN` backtrack suffix, and N.
+pub fn split_backtrack(seg: &[u8]) -> (&[u8], u32) {
     if let Some(pos) = seg.windows(2).rposition(|w| w == b".b") {
         let digits = &seg[pos + 2..];
         if !digits.is_empty() && digits.iter().all(u8::is_ascii_digit) {
