@@ -32,7 +32,7 @@ const FLAG_DELETED: u8 = 2;
 const FLAG_PINNED: u8 = 4;
 
 /// Name bytes held in a channel block, and in each continuation block.
-const NAME_INLINE: usize = BLOCK - 42;
+const NAME_INLINE: usize = BLOCK - 46;
 const NAME_CONT: usize = BLOCK - 4;
 
 #[repr(C)]
@@ -74,6 +74,8 @@ struct Channel {
     name_next: u32,
     shares: u32,
     first_count: u32,
+    /// Messages the store keeps, as the last publish through this node found.
+    stored: u32,
     first_worker: u16,
     name_len: u16,
     kind: u8,
@@ -105,6 +107,7 @@ const _: () = assert!(size_of::<Share>() <= BLOCK);
 pub struct Info {
     pub id: Vec<u8>,
     pub published: u64,
+    pub stored: u64,
     pub subscribers: u64,
     pub wildcard: bool,
 }
@@ -115,6 +118,7 @@ pub struct Summary {
     pub channels: u64,
     pub wildcard_channels: u64,
     pub published: u64,
+    pub stored: u64,
     pub subscribers: u64,
     pub channels_in_delete: u64,
     pub started: u64,
@@ -592,6 +596,13 @@ impl Counters {
         created
     }
 
+    /// How many messages the store keeps for the channel, as a publish found.
+    pub fn stored(&mut self, id: &[u8], kept: u64) {
+        if let Some(i) = self.live(id) {
+            self.channel(i).stored = kept.min(u64::from(u32::MAX)) as u32;
+        }
+    }
+
     /// Keeps the channel (created if needed) however long it stays idle: the events
     /// channel.
     pub fn pin(&mut self, id: &[u8], now: u64) {
@@ -610,6 +621,7 @@ impl Counters {
         Info {
             id: self.name_of(ch),
             published: ch.published,
+            stored: ch.stored.into(),
             subscribers: self.subscribers_of(ch),
             wildcard: ch.flags & FLAG_WILDCARD != 0,
         }
@@ -653,6 +665,7 @@ impl Counters {
             channels: h.channels.into(),
             wildcard_channels: h.wildcard_channels.into(),
             published: h.published,
+            stored: self.each_live().map(|i| u64::from(self.channel(i).stored)).sum(),
             subscribers: workers.iter().map(|w| w.subscribers).sum(),
             channels_in_delete: h.channels_in_delete.into(),
             started: h.started,

@@ -61,11 +61,17 @@ fn handle(e: Event) {
                     .unwrap_or_default();
             lifecycle::listening(&channels);
         }
-        Event::Published { ids, error } => {
-            for id in ids {
+        Event::Published { ids, error, stored } => {
+            for (k, id) in ids.into_iter().enumerate() {
                 if let Some(Some(done)) = worker::with(|w| w.take_publish(id)) {
-                    done(id, error.as_deref().map_or(Ok(()), Err));
+                    let kept = stored.get(k).copied().unwrap_or(0);
+                    done(id, error.as_deref().map_or(Ok(kept), Err));
                 }
+            }
+        }
+        Event::History { id, result } => {
+            if let Some(Some(done)) = worker::with(|w| w.take_history(id)) {
+                done(result);
             }
         }
         Event::HookRows { id, rows } => {

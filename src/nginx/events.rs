@@ -48,13 +48,13 @@ pub fn emit(event: Event, id: &[u8]) {
     };
     let text =
         format!("{{\"type\": \"{}\", \"channel\": {}}}", event.name(), serde_json::Value::from(id));
-    let meta = payload::Meta { event_id: None, event_type: Some(event.name().to_string()) };
+    let meta = payload::Meta { event_type: Some(event.name().to_string()), ..Default::default() };
     let message = payload::wrap_text_with(&text, &meta);
     zone::published(events.as_bytes(), false);
     worker::with(|w| {
         let pg = channels::pg_channel(&w.prefix, events);
         let notified = payload::for_channel(&pg, events, &message);
-        w.publish(pg, notified, Box::new(|_, _| {}));
+        w.publish(pg, notified, false, Box::new(|_, _| {}));
     });
 }
 

@@ -209,3 +209,32 @@ pub fn finalize(r: *mut ngx_http_request_t, rc: ngx_int_t) {
         nginx_sys::ngx_http_run_posted_requests(c);
     }
 }
+
+/// A resume position's value: the location's variable (`push_stream_last_event_id`,
+/// `_last_received_message_time`, `_tag`) when it has one, else the request header.
+pub fn position_value(
+    r: &mut ngx_http_request_t,
+    cv: *mut nginx_sys::ngx_http_complex_value_t,
+    header: &str,
+) -> Option<Vec<u8>> {
+    if cv.is_null() || cv == crate::nginx::conf::NGX_CONF_UNSET_PTR {
+        header_in(r, header).filter(|v| !v.is_empty()).map(<[u8]>::to_vec)
+    } else {
+        complex_value(r, cv).filter(|v| !v.is_empty()).map(|v| crate::protocol::channels::unescape(&v))
+    }
+}
+
+/// The client's position: the time (`-1` if none) and the tag, from `If-Modified-Since`
+/// and `If-None-Match` or their variables.
+pub fn position(r: &mut ngx_http_request_t) -> (nginx_sys::time_t, Option<u64>) {
+    let lcf = loc_conf(r);
+    let time = position_value(r, lcf.last_received_message_time, "If-Modified-Since")
+        .map(|mut v| {
+            // SAFETY: the parser reads len bytes
+            unsafe { nginx_sys::ngx_parse_http_time(v.as_mut_ptr(), v.len()) }
+        })
+        .unwrap_or(-1);
+    let tag = position_value(r, lcf.last_received_message_tag, "If-None-Match")
+        .and_then(|v| crate::protocol::stream::parse_tag(&v));
+    (time, tag)
+}

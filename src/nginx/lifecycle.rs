@@ -33,6 +33,7 @@ use crate::nginx::events::{self, Event};
 use crate::nginx::hooks::{self, Hooks};
 use crate::nginx::{http, worker, zone};
 use crate::postgres::cells::Reply;
+use crate::postgres::store::{Since, Stored};
 use crate::protocol::payload;
 use crate::protocol::template::Values;
 
@@ -91,6 +92,30 @@ pub struct Subscription {
     dirty: bool,
     /// The subscriber's hooks, when its location has some.
     hooks: Option<Box<Hooks>>,
+    /// Where it resumes from the store, until its history is delivered.
+    resume: Option<Box<Resume>>,
+}
+
+/// A subscriber's resume from the store: where each channel starts, and the live messages
+/// that arrive while its history is read.
+pub struct Resume {
+    /// Per channel, in the subscription's order; `None` is live only.
+    since: Vec<Option<Since>>,
+    /// The history read in flight.
+    reading: Option<u64>,
+    /// Live messages held meanwhile: channel, offset (-1 when not stored), time and tag,
+    /// encoded.
+    held: Vec<(Rc<str>, i64, (i64, u64), Rc<[u8]>)>,
+}
+
+impl Resume {
+    /// Where the channels start, if any of them resumes.
+    pub fn new(since: Vec<Option<Since>>) -> Option<Box<Self>> {
+        since
+            .iter()
+            .any(Option::is_some)
+            .then(|| Box::new(Self { since, reading: None, held: Vec::new() }))
+    }
 }
 
 impl Subscription {
@@ -99,15 +124,17 @@ impl Subscription {
     pub fn admit(
         r: &mut ngx_http_request_t,
         lcf: &'static LocConf,
-        mut channels: Vec<String>,
+        mut channels: Vec<(String, u32)>,
     ) -> Self {
         let mut seen = std::collections::HashSet::new();
-        channels.retain(|c| seen.insert(c.clone()));
+        channels.retain(|(c, _)| seen.insert(c.clone()));
         let prefix = http::main_conf(r).channel_prefix().len();
-        let ids: Vec<&str> = channels.iter().map(|c| id_of(c, prefix)).collect();
+        let ids: Vec<&str> = channels.iter().map(|(c, _)| id_of(c, prefix)).collect();
         let hooks = hooks::admit(r, lcf, &ids);
-        let channels = channels.into_iter().map(|c| (Rc::from(c), 0)).collect();
-        Self { channels, hooks, ..Self::default() }
+        let backtracks: Vec<u32> = channels.iter().map(|(_, b)| *b).collect();
+        let resume = Resume::new(resume_points(r, &backtracks));
+        let channels = channels.into_iter().map(|(c, _)| (Rc::from(c), 0)).collect();
+        Self { channels, hooks, resume, ..Self::default() }
     }
 
     /// The PostgreSQL channels subscribed to.
@@ -226,6 +253,9 @@ pub fn join(key: SubKey) -> usize {
         listen.into_iter().for_each(|ch| w.listen(ch));
         w.after_burst();
     });
+    if waiting == 0 && read_history(key) {
+        return 1;
+    }
     waiting
 }
 
@@ -234,6 +264,15 @@ pub fn leave(key: SubKey) {
     // SAFETY: called by the transport's cleanup, before it is freed
     let sub = unsafe { key.get() }.subscription();
     let channels = std::mem::take(&mut sub.channels);
+    if let Some(id) = sub.resume.take().and_then(|r| r.reading) {
+        // its history is not wanted any more (nor may it reach a freed transport)
+        worker::with(|w| drop(w.take_history(id)));
+    }
+    GONE.with(|g| {
+        if g.get().0 == Some(key) {
+            g.set((Some(key), true));
+        }
+    });
     let prefix = worker::with(|w| w.prefix.len()).unwrap_or(0);
     for (channel, _) in channels.iter() {
         let id = id_of(channel, prefix).as_bytes();
@@ -316,10 +355,156 @@ pub fn listening(channels: &[String]) {
             continue;
         }
         sub.waiting -= 1;
-        if sub.waiting == 0 {
+        if sub.waiting == 0 && !read_history(key) {
             t.ready();
         }
     }
+}
+
+thread_local! {
+    /// A transport being watched while it may finalize, and whether it left.
+    static GONE: core::cell::Cell<(Option<SubKey>, bool)> = const { core::cell::Cell::new((None, false)) };
+}
+
+/// Calls `f` on the transport; false if the transport left (and was freed) meanwhile.
+fn survives(key: SubKey, f: impl FnOnce(&mut dyn Transport)) -> bool {
+    GONE.with(|g| g.set((Some(key), false)));
+    // SAFETY: the caller holds a live key
+    f(unsafe { key.get() });
+    GONE.with(|g| g.replace((None, false))).1 == false
+}
+
+/// Every LISTEN of a resuming subscriber is confirmed: its history is read now, so that
+/// nothing falls between the history and the live messages. Whether a read started (the
+/// subscriber then waits for it).
+fn read_history(key: SubKey) -> bool {
+    // SAFETY: the caller holds a live key
+    let sub = unsafe { key.get() }.subscription();
+    let Some(resume) = sub.resume.as_mut() else { return false };
+    if resume.reading.is_some() {
+        return true;
+    }
+    let asked: Vec<(String, Since)> = sub
+        .channels
+        .iter()
+        .zip(&resume.since)
+        .filter_map(|((c, _), s)| s.clone().map(|s| (c.to_string(), s)))
+        .collect();
+    let done: worker::HistoryDone = Box::new(move |result| history_read(key, result));
+    match worker::with(|w| w.history(asked, done)) {
+        Some(id) => {
+            resume.reading = Some(id);
+            sub.waiting = 1;
+            true
+        }
+        None => false,
+    }
+}
+
+/// A subscriber's history arrived: it is answered (as when its LISTENs were confirmed),
+/// then gets the history, then the live messages held meanwhile that the history did not
+/// hold already.
+fn history_read(key: SubKey, result: Result<Vec<Vec<Stored>>, String>) {
+    // SAFETY: a transport that leaves drops its pending read, so the key is live
+    let sub = unsafe { key.get() }.subscription();
+    let Some(resume) = sub.resume.take() else { return };
+    sub.waiting = 0;
+    let lists = match result {
+        Ok(lists) => lists,
+        Err(why) => {
+            worker::with(|w| {
+                let msg = format!("no history for a resuming subscriber: {why}");
+                worker::log(w.log, crate::postgres::Level::Error, &msg)
+            });
+            Vec::new()
+        }
+    };
+    if !survives(key, |t| t.ready()) {
+        return;
+    }
+    let prefix_len = worker::with(|w| w.prefix.len()).unwrap_or(0);
+    let asked: Vec<Rc<str>> = sub
+        .channels
+        .iter()
+        .zip(&resume.since)
+        .filter(|(_, s)| s.is_some())
+        .map(|((c, _), _)| c.clone())
+        .collect();
+    let mut newest: HashMap<Rc<str>, i64> = HashMap::new();
+    for (channel, list) in asked.iter().zip(lists) {
+        let id = id_of(channel, prefix_len);
+        for m in list {
+            newest.insert(channel.clone(), m.offset);
+            let time = http_time(m.second);
+            CURRENT.with(|cur| cur.set((m.second, m.tag.max(0) as u64)));
+            let v = Values {
+                text: m.message.bytes(),
+                binary: m.message.is_binary(),
+                channel: id,
+                id: m.offset,
+                time: &time,
+                tag: m.tag.max(0) as u64,
+                event_id: m.event_id.as_deref().unwrap_or_default(),
+                event_type: m.event_type.as_deref().unwrap_or_default(),
+            };
+            fan_out(&[key], &v);
+        }
+    }
+    // SAFETY: live: nothing was flushed since ready()
+    let t = unsafe { key.get() };
+    for (channel, offset, stamp, bytes) in resume.held {
+        if offset >= 0 && newest.get(&channel).is_some_and(|&n| offset <= n) {
+            continue;
+        }
+        CURRENT.with(|cur| cur.set(stamp));
+        t.queue(bytes, &channel);
+        mark_dirty(key);
+    }
+    settle();
+}
+
+/// Queues a subscriber for the next flush.
+fn mark_dirty(key: SubKey) {
+    // SAFETY: the caller holds a live key
+    let sub = unsafe { key.get() }.subscription();
+    if !sub.dirty {
+        sub.dirty = true;
+        with(|reg| reg.dirty.push(key));
+    }
+}
+
+/// An HTTP date (`~time~` of a stored message).
+pub fn http_time(second: i64) -> String {
+    let mut buf = [0u8; 40];
+    // SAFETY: ngx_http_time writes at most 29 bytes
+    let end = unsafe { nginx_sys::ngx_http_time(buf.as_mut_ptr(), second as _) };
+    let len = (end as usize).saturating_sub(buf.as_ptr() as usize).min(buf.len());
+    String::from_utf8_lossy(&buf[..len]).into_owned()
+}
+
+/// Where a subscriber's channels resume from the store, in push-stream's order of
+/// precedence: a channel's `.bN` backtrack, else the last event id (`Last-Event-ID`, or
+/// `push_stream_last_event_id`), else the time and tag (`If-Modified-Since` and
+/// `If-None-Match`, or `push_stream_last_received_message_time` and `_tag`). Nothing
+/// without a store.
+pub fn resume_points(r: &mut ngx_http_request_t, backtracks: &[u32]) -> Vec<Option<Since>> {
+    if !http::main_conf(r).store {
+        return vec![None; backtracks.len()];
+    }
+    let lcf = http::loc_conf(r);
+    let shared = match http::position_value(r, lcf.last_event_id, "Last-Event-ID") {
+        Some(id) => Some(Since::EventId(String::from_utf8_lossy(&id).into_owned())),
+        None => match http::position(r) {
+            (time, tag) if time >= 0 => {
+                Some(Since::Time { second: time as i64, tag: tag.unwrap_or(0) as i64 })
+            }
+            _ => None,
+        },
+    };
+    backtracks
+        .iter()
+        .map(|&b| if b > 0 { Some(Since::Backtrack(b)) } else { shared.clone() })
+        .collect()
 }
 
 thread_local! {
@@ -328,6 +513,8 @@ thread_local! {
     /// Those of the message being fanned out; (0, 0) for push-stream's own messages
     /// (deleted, gap), which carry none.
     static CURRENT: core::cell::Cell<(i64, u64)> = const { core::cell::Cell::new((0, 0)) };
+    /// The channel offset of the message being fanned out; -1 when it is not stored.
+    static CURRENT_OFFSET: core::cell::Cell<i64> = const { core::cell::Cell::new(-1) };
 }
 
 /// push-stream's tag: messages in the same second are numbered from 1. Worker-local until
@@ -367,10 +554,41 @@ pub fn deliver(channel: &str, payload: &str) {
     let (text, binary) = (message.bytes(), message.is_binary());
     let event_id = meta.event_id.as_deref().unwrap_or_default();
     let event_type = meta.event_type.as_deref().unwrap_or_default();
-    let (_, tag) = next_stamp();
-    let values =
-        Values { text, binary, channel: id, id: n as i64, event_id, event_type, tag, ..now() };
-    fan_out(&keys, &values);
+    match meta.stored {
+        // a stored message carries its channel's offset, time and tag
+        Some(st) => {
+            let time = http_time(st.second);
+            CURRENT.with(|cur| cur.set((st.second, st.tag.max(0) as u64)));
+            CURRENT_OFFSET.with(|o| o.set(st.offset));
+            let tag = st.tag.max(0) as u64;
+            let values = Values {
+                text,
+                binary,
+                channel: id,
+                id: st.offset,
+                time: &time,
+                tag,
+                event_id,
+                event_type,
+            };
+            fan_out(&keys, &values);
+        }
+        None => {
+            let (_, tag) = next_stamp();
+            CURRENT_OFFSET.with(|o| o.set(-1));
+            let values = Values {
+                text,
+                binary,
+                channel: id,
+                id: n as i64,
+                event_id,
+                event_type,
+                tag,
+                ..now()
+            };
+            fan_out(&keys, &values);
+        }
+    }
 }
 
 /// An admin deleted the channel: its subscribers get the deleted message and leave it;
@@ -381,6 +599,7 @@ fn deleted(channel: &str, id: &str, text: &[u8]) {
         return;
     }
     CURRENT.with(|cur| cur.set((0, 0)));
+    CURRENT_OFFSET.with(|o| o.set(-1));
     fan_out(&keys, &Values { text, channel: id, id: DELETED_ID, ..now() });
     let mut unlisten = None;
     let mut finished = Vec::new();
@@ -427,6 +646,7 @@ pub fn gap() {
     for (channel, keys) in channels {
         let id = channel.get(prefix_len..).unwrap_or(&channel);
         CURRENT.with(|cur| cur.set((0, 0)));
+    CURRENT_OFFSET.with(|o| o.set(-1));
         fan_out(&keys, &Values { channel: id, id: GAP_ID, event_type: "gap", ..now() });
     }
 }
@@ -455,12 +675,14 @@ fn now() -> Values<'static> {
 
 /// Queues one message for these subscribers, encoded once per encoding.
 pub fn fan_out(keys: &[SubKey], message: &Values<'_>) {
+    let prefix_len = worker::with(|w| w.prefix.len()).unwrap_or(0);
     let mut encoded: Vec<(Encoding, Rc<[u8]>)> = Vec::with_capacity(1);
     let mut dirty = Vec::new();
     for &key in keys {
         // SAFETY: keys listed in the hub are live
         let t = unsafe { key.get() };
-        if !t.accepts() {
+        let holding = t.subscription().resume.as_ref().is_some_and(|r| r.reading.is_some());
+        if !holding && !t.accepts() {
             continue;
         }
         let enc = t.encoding();
@@ -472,6 +694,19 @@ pub fn fan_out(keys: &[SubKey], message: &Values<'_>) {
                 b
             }
         };
+        let sub = t.subscription();
+        if let Some(resume) = sub.resume.as_mut().filter(|r| r.reading.is_some()) {
+            let channel = sub
+                .channels
+                .iter()
+                .find(|(c, _)| id_of(c, prefix_len) == message.channel)
+                .map(|(c, _)| c.clone());
+            if let Some(channel) = channel {
+                let offset = CURRENT_OFFSET.with(core::cell::Cell::get);
+                resume.held.push((channel, offset, current_stamp(), bytes));
+            }
+            continue;
+        }
         t.queue(bytes, message.channel);
         let sub = t.subscription();
         if !sub.dirty {

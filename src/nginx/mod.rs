@@ -123,6 +123,13 @@ impl HttpModule for HttpPgPushModule {
                 mcf.has_sql_hooks = true;
             }
         }
+        if (conf.publisher.is_some() || conf.websocket_allow_publish == 1)
+            && conf.store_messages == 1
+        {
+            if let Some(mcf) = HttpPgPushModule::main_conf_mut(&*cf) {
+                mcf.store = true;
+            }
+        }
         set_handler(cf, conf)
     }
 }

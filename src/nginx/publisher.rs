@@ -141,7 +141,11 @@ fn publish(r: &mut ngx_http_request_t) -> Option<ngx_int_t> {
             .map(|v| String::from_utf8_lossy(v).into_owned())
     };
     let meta =
-        Meta { event_id: meta_header(r, "Event-Id"), event_type: meta_header(r, "Event-Type") };
+        Meta {
+            event_id: meta_header(r, "Event-Id"),
+            event_type: meta_header(r, "Event-Type"),
+            stored: None,
+        };
     let payload = match String::from_utf8(body) {
         Ok(text) => payload::wrap_text_with(&text, &meta),
         Err(e) => payload::wrap_binary_with(e.as_bytes(), &meta),
@@ -175,10 +179,11 @@ fn publish(r: &mut ngx_http_request_t) -> Option<ngx_int_t> {
 
     let rp = ptr::from_mut(r);
     let pending = Rc::new(RefCell::new(Pending { r: rp, ids, out: Vec::new(), failed: None }));
+    let stored = http::loc_conf(r).store_messages == 1;
     for (k, (pg, notified)) in each.into_iter().enumerate() {
         let p = pending.clone();
-        let done = Box::new(move |pid, outcome: Result<(), &str>| answer(&p, k, pid, outcome));
-        let pid = worker::with(|w| w.publish(pg, notified, done))?;
+        let done = Box::new(move |pid, outcome: Result<i64, &str>| answer(&p, k, pid, outcome));
+        let pid = worker::with(|w| w.publish(pg, notified, stored, done))?;
         pending.borrow_mut().out.push(pid);
     }
 
@@ -211,12 +216,18 @@ extern "C" fn forget(data: *mut c_void) {
 
 /// PostgreSQL answered one of the request's publishes (or the worker is going away); the
 /// client is answered once all have.
-fn answer(p: &Rc<RefCell<Pending>>, k: usize, pid: u64, outcome: Result<(), &str>) {
+fn answer(p: &Rc<RefCell<Pending>>, k: usize, pid: u64, outcome: Result<i64, &str>) {
     let (r, ids, failed) = {
         let mut st = p.borrow_mut();
         st.out.retain(|&x| x != pid);
         match outcome {
-            Ok(()) => counted(&st.ids[k]),
+            Ok(kept) => {
+                counted(&st.ids[k]);
+                // SAFETY: a waiting request is alive
+                if http::loc_conf(unsafe { &*st.r }).store_messages == 1 {
+                    zone::stored(st.ids[k].as_bytes(), kept);
+                }
+            }
             Err(why) => {
                 st.failed.get_or_insert_with(|| why.to_string());
             }
@@ -262,6 +273,7 @@ fn send_info(r: &mut ngx_http_request_t, ids: &[String], only_existing: bool) ->
                 None if !only_existing => Some(Info {
                     id: id.as_bytes().to_vec(),
                     published: 0,
+                    stored: 0,
                     subscribers: 0,
                     wildcard: false,
                 }),
@@ -298,7 +310,7 @@ fn delete(r: &mut ngx_http_request_t) -> ngx_int_t {
         if postgres {
             let notified = payload::for_channel(&pg, id, &payload);
             // the answer does not wait: the channel is gone from this node's counts already
-            worker::with(|w| w.publish(pg, notified, Box::new(|_, _| {})));
+            worker::with(|w| w.publish(pg, notified, false, Box::new(|_, _| {})));
         } else {
             lifecycle::deliver(&pg, &payload);
         }

@@ -92,7 +92,7 @@ fn send_summary(r: &mut ngx_http_request_t) -> ngx_int_t {
     let head = head(&s, now);
     let totals = Totals {
         published: s.published,
-        stored: 0,
+        stored: s.stored,
         subscribers: s.subscribers,
         channels_in_delete: s.channels_in_delete,
     };

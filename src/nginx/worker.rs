@@ -27,14 +27,19 @@ use ngx::http::HttpModuleMainConf;
 
 use crate::nginx::HttpPgPushModule;
 use crate::postgres::cells::Reply;
-use crate::postgres::{Bridge, Command, Event, HookCall, Level, SideConnection};
+use crate::postgres::store::{Since, Stored};
+use crate::postgres::{Bridge, Command, Event, HookCall, Level, Publish, SideConnection};
 use crate::protocol::{channels, payload};
 
 /// How long `exit_process` waits for the tokio side to close its connection.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Called once with a publish's id and outcome: `Err` carries why it was not committed.
-pub type PublishDone = Box<dyn FnOnce(u64, Result<(), &str>)>;
+/// Called once with a publish's id and outcome: how many messages its channel keeps (0
+/// unless stored), or why it was not committed.
+pub type PublishDone = Box<dyn FnOnce(u64, Result<i64, &str>)>;
+
+/// Called once with a subscriber's history: one list per channel asked, or why none.
+pub type HistoryDone = Box<dyn FnOnce(Result<Vec<Vec<Stored>>, String>)>;
 
 /// Called once with an SQL hook call's id and the first column of its result rows.
 pub type HookReply = Box<dyn FnOnce(u64, Vec<Reply>)>;
@@ -51,6 +56,8 @@ pub struct Worker {
     publishes: HashMap<u64, PublishDone>,
     /// SQL hook calls whose rows go back to a client, by id.
     hooks: HashMap<u64, HookReply>,
+    /// History reads waiting for PostgreSQL, by id.
+    histories: HashMap<u64, HistoryDone>,
     next_publish: u64,
     /// `push_stream_postgres_channel_prefix`, for events that come without a request.
     pub prefix: String,
@@ -140,9 +147,17 @@ pub fn start(
             let timeout = Duration::from_millis(mcf.postgres_publish_timeout as u64);
             let config = conninfo.config().clone();
             let hooks = mcf.has_sql_hooks;
-            let side =
-                SideConnection::start(config, reconnect, timeout, bridge.clone(), worker, hooks)
-                    .map_err(|e| format!("cannot start the postgres thread: {e}"))?;
+            let store = mcf.store_config();
+            let side = SideConnection::start(
+                config,
+                reconnect,
+                timeout,
+                bridge.clone(),
+                worker,
+                hooks,
+                store,
+            )
+            .map_err(|e| format!("cannot start the postgres thread: {e}"))?;
             Some(side)
         }
     };
@@ -158,6 +173,7 @@ pub fn start(
             log: cycle.log,
             publishes: HashMap::new(),
             hooks: HashMap::new(),
+            histories: HashMap::new(),
             next_publish: 1,
             prefix,
             derived: HashMap::new(),
@@ -296,11 +312,10 @@ impl Worker {
         let Some(sharing) = self.derived.get(name) else {
             return vec![name.to_string()];
         };
-        match payload::channel_of(payload) {
-            Some(id) => {
-                let channel = channels::pg_channel(&self.prefix, &id);
-                sharing.iter().filter(|c| **c == channel).cloned().collect()
-            }
+        let named = payload::channel_name_of(payload)
+            .or_else(|| payload::channel_of(payload).map(|id| channels::pg_channel(&self.prefix, &id)));
+        match named {
+            Some(channel) => sharing.iter().filter(|c| **c == channel).cloned().collect(),
             None => sharing.clone(),
         }
     }
@@ -308,21 +323,48 @@ impl Worker {
     /// Queues a `pg_notify`; `done` is called from [`Worker::take_publish`]'s caller once
     /// PostgreSQL answers [`Event::Published`]. Without PostgreSQL (one worker), the
     /// message comes back through the bridge as if it had been notified.
-    pub fn publish(&mut self, channel: String, payload: String, done: PublishDone) -> u64 {
+    /// With `stored`, the message goes through the store (`channel` is then the whole
+    /// PostgreSQL channel name: the store derives the LISTEN name itself).
+    pub fn publish(
+        &mut self,
+        channel: String,
+        payload: String,
+        stored: bool,
+        done: PublishDone,
+    ) -> u64 {
         let n = self.next_publish;
         self.next_publish += 1;
         match &self.side {
             Some(side) => {
-                let channel = channels::listen_name(&channel).into_owned();
-                side.send(Command::Publish { id: n, channel, payload })
+                let channel =
+                    if stored { channel } else { channels::listen_name(&channel).into_owned() };
+                side.send(Command::Publish(Publish { id: n, channel, payload, stored }))
             }
             None => {
                 self.bridge.push(Event::Notification { channel, payload });
-                self.bridge.push(Event::Published { ids: vec![n], error: None });
+                let stored = Vec::new();
+                self.bridge.push(Event::Published { ids: vec![n], error: None, stored });
             }
         }
         self.publishes.insert(n, done);
         n
+    }
+
+    /// Reads stored messages of these PostgreSQL channels; `done` gets them from the
+    /// dispatcher. Without PostgreSQL there is no store, and no history.
+    pub fn history(&mut self, channels: Vec<(String, Since)>, done: HistoryDone) -> u64 {
+        let n = self.next_publish;
+        self.next_publish += 1;
+        match &self.side {
+            Some(side) => side.send(Command::History { id: n, channels }),
+            None => self.bridge.push(Event::History { id: n, result: Ok(Vec::new()) }),
+        }
+        self.histories.insert(n, done);
+        n
+    }
+
+    pub fn take_history(&mut self, n: u64) -> Option<HistoryDone> {
+        self.histories.remove(&n)
     }
 
     /// Queues an SQL hook call; `reply`, if any, gets the rows from the dispatcher.

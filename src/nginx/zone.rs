@@ -279,6 +279,10 @@ pub fn published(id: &[u8], global: bool) -> bool {
     locked(|c, _, wild| c.published(id, wild(id), now(), global)).unwrap_or(false)
 }
 
+pub fn stored(id: &[u8], kept: i64) {
+    locked(|c, _, _| c.stored(id, kept.max(0) as u64));
+}
+
 pub fn info(id: &[u8]) -> Option<Info> {
     locked(|c, _, _| c.info(id)).flatten()
 }

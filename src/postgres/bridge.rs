@@ -48,6 +48,13 @@ pub enum Event {
     Published {
         ids: Vec<u64>,
         error: Option<String>,
+        /// For stored messages, how many messages each one's channel keeps (else empty).
+        stored: Vec<i64>,
+    },
+    /// A subscriber's history, one list per channel asked, or why there is none.
+    History {
+        id: u64,
+        result: Result<Vec<Vec<crate::postgres::store::Stored>>, String>,
     },
 }
 

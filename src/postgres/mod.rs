@@ -7,6 +7,7 @@
 pub mod bridge;
 pub mod cells;
 pub mod hooks;
+pub mod store;
 
 use std::collections::BTreeSet;
 use std::future::poll_fn;
@@ -32,13 +33,27 @@ pub enum Command {
     /// LISTEN on a PostgreSQL channel (reference counting is the worker's job).
     Listen(String),
     Unlisten(String),
-    /// `pg_notify(channel, payload)`; answered by an [`Event::Published`] carrying `id`.
-    Publish {
+    /// `pg_notify(channel, payload)`, or through the store; answered by an
+    /// [`Event::Published`] carrying its id.
+    Publish(Publish),
+    /// A subscriber's history, one channel after the other; answered by [`Event::History`].
+    History {
         id: u64,
-        channel: String,
-        payload: String,
+        channels: Vec<(String, store::Since)>,
     },
     Stop,
+}
+
+/// One message to publish.
+#[derive(Debug)]
+pub struct Publish {
+    pub id: u64,
+    /// The PostgreSQL channel (its LISTEN name, unless stored: the store derives it).
+    pub channel: String,
+    /// The NOTIFY payload ([`crate::protocol::payload`]).
+    pub payload: String,
+    /// Through the store (`push_stream_store_messages on`).
+    pub stored: bool,
 }
 
 /// One statement for a whole batch of publishes.
@@ -68,6 +83,7 @@ impl SideConnection {
         bridge: Arc<Bridge>,
         worker: usize,
         with_hooks: bool,
+        store: Option<store::StoreConfig>,
     ) -> io::Result<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         let (hooks, hooks_rx) = if with_hooks {
@@ -87,7 +103,7 @@ impl SideConnection {
                         let hooks = hooks_rx.map(|r| {
                             tokio::spawn(hooks::run(config.clone(), reconnect, r, bridge.clone()))
                         });
-                        run(config, reconnect, timeout, rx, bridge.clone()).await;
+                        run(config, reconnect, timeout, store, rx, bridge.clone()).await;
                         // the hooks finish what is queued (unsubscribes at shutdown)
                         if let Some(h) = hooks {
                             let _ = h.await;
@@ -199,9 +215,7 @@ struct Wanted {
 }
 
 struct Held {
-    id: u64,
-    channel: String,
-    payload: String,
+    publish: Publish,
     deadline: Instant,
 }
 
@@ -228,9 +242,12 @@ impl Wanted {
             Some(Command::Unlisten(ch)) => {
                 self.channels.remove(&ch);
             }
-            Some(Command::Publish { id, channel, payload }) => {
+            Some(Command::Publish(publish)) => {
                 let deadline = Instant::now() + self.publish_timeout;
-                self.held.push(Held { id, channel, payload, deadline });
+                self.held.push(Held { publish, deadline });
+            }
+            Some(Command::History { id, .. }) => {
+                bridge.push(Event::History { id, result: Err(DOWN.into()) });
             }
         }
         false
@@ -255,14 +272,14 @@ impl Wanted {
         // deadlines grow with arrival: the expired ones are a prefix
         let n = self.held.iter().take_while(|h| h.deadline <= now).count();
         if n > 0 {
-            let ids = self.held.drain(..n).map(|h| h.id).collect();
-            bridge.push(Event::Published { ids, error: Some(DOWN.into()) });
+            let ids = self.held.drain(..n).map(|h| h.publish.id).collect();
+            bridge.push(Event::Published { ids, error: Some(DOWN.into()), stored: Vec::new() });
         }
     }
 
     /// The held publishes, to be sent on a fresh connection.
-    fn take_held(&mut self) -> Vec<(u64, String, String)> {
-        self.held.drain(..).map(|h| (h.id, h.channel, h.payload)).collect()
+    fn take_held(&mut self) -> Vec<Publish> {
+        self.held.drain(..).map(|h| h.publish).collect()
     }
 }
 
@@ -280,6 +297,7 @@ async fn run(
     config: tokio_postgres::Config,
     reconnect: Reconnect,
     publish_timeout: Duration,
+    store: Option<store::StoreConfig>,
     mut rx: mpsc::UnboundedReceiver<Command>,
     bridge: Arc<Bridge>,
 ) {
@@ -353,13 +371,17 @@ async fn run(
             // restart), so its commit need not wait for the WAL flush (DESIGN.md)
             client.batch_execute("SET synchronous_commit TO off").await?;
             let stmt = client.prepare(PUBLISH_SQL).await?;
+            let stored = match &store {
+                Some(cfg) => Some(store::Statements::prepare(&client, cfg).await?),
+                None => None,
+            };
             if !relisten.is_empty() {
                 client.batch_execute(&relisten).await?;
             }
-            Ok::<_, tokio_postgres::Error>(stmt)
+            Ok::<_, tokio_postgres::Error>((stmt, stored))
         };
-        let publish = match setup.await {
-            Ok(stmt) => stmt,
+        let (publish, stored) = match setup.await {
+            Ok(stmts) => stmts,
             Err(e) => {
                 driver.abort();
                 wanted.fail_attempt(&bridge);
@@ -393,12 +415,15 @@ async fn run(
         backoff.reset();
 
         let held = wanted.take_held();
-        let outcome = match publish_batch(&client, &publish, held, &bridge).await {
+        let session = Session {
+            client: &client,
+            publish: &publish,
+            store: store.as_ref().zip(stored.as_ref()),
+            bridge: &bridge,
+        };
+        let outcome = match session.publish_batch(held).await {
             Err(why) => Outcome::Lost(why),
-            Ok(()) => {
-                let mut session = Session { client: &client, publish: &publish, bridge: &bridge };
-                session.serve(&mut driver, &mut rx, &mut wanted).await
-            }
+            Ok(()) => session.serve(&mut driver, &mut rx, &mut wanted).await,
         };
         driver.abort();
         drop(client);
@@ -424,19 +449,24 @@ async fn run(
 struct Session<'a> {
     client: &'a tokio_postgres::Client,
     publish: &'a tokio_postgres::Statement,
+    /// The store's configuration and statements, when some location stores messages.
+    store: Option<(&'a store::StoreConfig, &'a store::Statements)>,
     bridge: &'a Bridge,
 }
 
 impl Session<'_> {
     /// Runs commands until the connection is lost or the worker stops.
     async fn serve(
-        &mut self,
+        &self,
         driver: &mut tokio::task::JoinHandle<String>,
         rx: &mut mpsc::UnboundedReceiver<Command>,
         wanted: &mut Wanted,
     ) -> Outcome {
         let mut tick = tokio::time::interval(LIVENESS_INTERVAL);
         tick.tick().await;
+        let every = self.store.map_or(Duration::from_secs(3600), |(cfg, _)| cfg.clean_every);
+        let mut clean = tokio::time::interval(every);
+        clean.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 why = &mut *driver => {
@@ -455,6 +485,22 @@ impl Session<'_> {
                         Err(why) => return Outcome::Lost(why),
                     }
                 }
+                _ = clean.tick(), if self.store.is_some() => {
+                    if let Some((cfg, stmts)) = self.store {
+                        match stmts.clean(self.client, cfg).await {
+                            Ok(Some(n)) if n > 0 => self.bridge.log(
+                                Level::Debug,
+                                format!("store: the cleaner deleted {n} message(s)"),
+                            ),
+                            Ok(_) => {}
+                            Err(e) if e.is_closed() => return Outcome::Lost(chain(&e)),
+                            Err(e) => self.bridge.log(
+                                Level::Error,
+                                format!("store: cleaning failed: {}", store_error(&e)),
+                            ),
+                        }
+                    }
+                }
                 _ = tick.tick() => {
                     let alive = self.client.simple_query("");
                     match tokio::time::timeout(LIVENESS_TIMEOUT, alive).await {
@@ -470,13 +516,14 @@ impl Session<'_> {
     /// One batch of commands: all (UN)LISTENs in one round trip, then the publishes.
     /// Returns true on Stop.
     async fn run_batch(
-        &mut self,
+        &self,
         batch: Vec<Command>,
         wanted: &mut Wanted,
     ) -> Result<bool, String> {
         let mut sql = String::new();
         let mut listened = Vec::new();
         let mut publishes = Vec::new();
+        let mut histories = Vec::new();
         let mut stop = false;
         for c in batch {
             match c {
@@ -491,7 +538,8 @@ impl Session<'_> {
                         sql.push_str(&listen_sql("UNLISTEN", [&ch].into_iter()));
                     }
                 }
-                Command::Publish { id, channel, payload } => publishes.push((id, channel, payload)),
+                Command::Publish(p) => publishes.push(p),
+                Command::History { id, channels } => histories.push((id, channels)),
                 Command::Stop => stop = true,
             }
         }
@@ -503,44 +551,103 @@ impl Session<'_> {
         if !listened.is_empty() {
             self.bridge.push(Event::Listening(listened));
         }
-        publish_batch(self.client, self.publish, publishes, self.bridge).await?;
+        self.publish_batch(publishes).await?;
+        for (id, channels) in histories {
+            self.history(id, channels).await?;
+        }
         Ok(stop)
+    }
+
+    /// A subscriber's history; only a lost connection is an error.
+    async fn history(&self, id: u64, channels: Vec<(String, store::Since)>) -> Result<(), String> {
+        let Some((cfg, stmts)) = self.store else {
+            self.bridge.push(Event::History { id, result: Ok(Vec::new()) });
+            return Ok(());
+        };
+        let mut lists = Vec::with_capacity(channels.len());
+        for (channel, since) in &channels {
+            match stmts.history(self.client, cfg, channel, since).await {
+                Ok(list) => lists.push(list),
+                Err(e) => {
+                    let why = store_error(&e);
+                    self.bridge.push(Event::History { id, result: Err(why.clone()) });
+                    if e.is_closed() {
+                        return Err(format!("reading history failed: {why}"));
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        self.bridge.push(Event::History { id, result: Ok(lists) });
+        Ok(())
+    }
+
+    /// Sends publishes as few statements as possible; each statement is its own
+    /// transaction. Stored ones go through the store's function, the others through
+    /// `pg_notify`.
+    ///
+    /// PostgreSQL folds identical (channel, payload) pairs within one transaction into one
+    /// notification, so a repeated pair starts a new statement (stored messages are unique
+    /// already: each carries its row id). Errors of a statement are reported to its
+    /// publishers; a lost connection is returned.
+    async fn publish_batch(&self, publishes: Vec<Publish>) -> Result<(), String> {
+        let (stored, plain): (Vec<Publish>, Vec<Publish>) =
+            publishes.into_iter().partition(|p| p.stored && self.store.is_some());
+        for group in split_unique(plain) {
+            let (ids, (channels, payloads)): (Vec<u64>, (Vec<String>, Vec<String>)) =
+                group.into_iter().map(|p| (p.id, (p.channel, p.payload))).unzip();
+            let outcome = self.client.execute(self.publish, &[&channels, &payloads]).await;
+            self.published(ids, outcome.map(|_| Vec::new()))?;
+        }
+        if let (Some((cfg, stmts)), false) = (self.store, stored.is_empty()) {
+            let each: Vec<(&str, &str)> =
+                stored.iter().map(|p| (p.channel.as_str(), p.payload.as_str())).collect();
+            let outcome = stmts.publish(self.client, cfg, &each).await;
+            self.published(stored.iter().map(|p| p.id).collect(), outcome)?;
+        }
+        Ok(())
+    }
+
+    fn published(
+        &self,
+        ids: Vec<u64>,
+        outcome: Result<Vec<i64>, tokio_postgres::Error>,
+    ) -> Result<(), String> {
+        match outcome {
+            Ok(stored) => self.bridge.push(Event::Published { ids, error: None, stored }),
+            Err(e) if e.is_closed() || e.as_db_error().is_none() => {
+                let why = chain(&e);
+                self.bridge.push(Event::Published {
+                    ids,
+                    error: Some(why.clone()),
+                    stored: Vec::new(),
+                });
+                return Err(format!("publish failed: {why}"));
+            }
+            Err(e) => self.bridge.push(Event::Published {
+                ids,
+                error: Some(store_error(&e)),
+                stored: Vec::new(),
+            }),
+        }
+        Ok(())
     }
 }
 
-/// Sends publishes as few statements as possible; each statement is its own transaction.
-///
-/// PostgreSQL folds identical (channel, payload) pairs within one transaction into one
-/// notification, so a repeated pair starts a new statement. Errors of a statement are
-/// reported to its publishers; a lost connection is returned.
-async fn publish_batch(
-    client: &tokio_postgres::Client,
-    stmt: &tokio_postgres::Statement,
-    publishes: Vec<(u64, String, String)>,
-    bridge: &Bridge,
-) -> Result<(), String> {
-    for group in split_unique(publishes) {
-        let (ids, (channels, payloads)): (Vec<u64>, (Vec<String>, Vec<String>)) =
-            group.into_iter().map(|(id, c, p)| (id, (c, p))).unzip();
-        match client.execute(stmt, &[&channels, &payloads]).await {
-            Ok(_) => bridge.push(Event::Published { ids, error: None }),
-            Err(e) if e.is_closed() || e.as_db_error().is_none() => {
-                let why = chain(&e);
-                bridge.push(Event::Published { ids, error: Some(why.clone()) });
-                return Err(format!("pg_notify failed: {why}"));
-            }
-            Err(e) => bridge.push(Event::Published { ids, error: Some(chain(&e)) }),
-        }
+/// An SQL error with its SQLSTATE, for the log and the publisher's explain.
+fn store_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => chain(e),
     }
-    Ok(())
 }
 
 /// Splits publishes, in order, into groups without a repeated (channel, payload) pair.
-pub fn split_unique(publishes: Vec<(u64, String, String)>) -> Vec<Vec<(u64, String, String)>> {
-    let mut groups: Vec<Vec<(u64, String, String)>> = Vec::new();
+pub fn split_unique(publishes: Vec<Publish>) -> Vec<Vec<Publish>> {
+    let mut groups: Vec<Vec<Publish>> = Vec::new();
     let mut seen: std::collections::HashSet<(String, String)> = Default::default();
     for p in publishes {
-        let key = (p.1.clone(), p.2.clone());
+        let key = (p.channel.clone(), p.payload.clone());
         if groups.is_empty() || seen.contains(&key) {
             groups.push(Vec::new());
             seen.clear();
@@ -633,7 +740,12 @@ mod tests {
 
     #[test]
     fn duplicate_publishes_go_to_separate_statements() {
-        let p = |id: u64, c: &str, m: &str| (id, c.to_string(), m.to_string());
+        let p = |id: u64, c: &str, m: &str| Publish {
+            id,
+            channel: c.to_string(),
+            payload: m.to_string(),
+            stored: false,
+        };
         let groups = split_unique(vec![
             p(1, "a", "x"),
             p(2, "b", "x"),
@@ -643,7 +755,7 @@ mod tests {
             p(6, "b", "x"),
         ]);
         let ids: Vec<Vec<u64>> =
-            groups.iter().map(|g| g.iter().map(|(id, _, _)| *id).collect()).collect();
+            groups.iter().map(|g| g.iter().map(|p| p.id).collect()).collect();
         assert_eq!(ids, vec![vec![1, 2, 3], vec![4], vec![5, 6]]);
         assert!(split_unique(Vec::new()).is_empty());
     }

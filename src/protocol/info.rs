@@ -49,28 +49,27 @@ fn id(info: &Info) -> std::borrow::Cow<'_, str> {
 }
 
 fn channel_fields(out: &mut String, kind: Kind, info: &Info) {
-    let (id, p, s) = (id(info), info.published, info.subscribers);
-    // stored messages come with the outbox (issue 11)
+    let (id, p, s, k) = (id(info), info.published, info.subscribers, info.stored);
     let _ = match kind {
         Kind::Json => write!(
             out,
-            "{{\"channel\": \"{id}\", \"published_messages\": {p}, \"stored_messages\": 0, \
+            "{{\"channel\": \"{id}\", \"published_messages\": {p}, \"stored_messages\": {k}, \
              \"subscribers\": {s}}}"
         ),
         Kind::Plain => write!(
             out,
-            "channel: {id}\r\npublished_messages: {p}\r\nstored_messages: 0\r\n\
+            "channel: {id}\r\npublished_messages: {p}\r\nstored_messages: {k}\r\n\
              active_subscribers: {s}"
         ),
         Kind::Yaml => write!(
             out,
-            "  channel: {id}\r\n  published_messages: {p}\r\n  stored_messages: 0\r\n  \
+            "  channel: {id}\r\n  published_messages: {p}\r\n  stored_messages: {k}\r\n  \
              subscribers: {s}"
         ),
         Kind::Xml => write!(
             out,
             "<channel>\r\n  <name>{id}</name>\r\n  <published_messages>{p}</published_messages>\r\n  \
-             <stored_messages>0</stored_messages>\r\n  <subscribers>{s}</subscribers>\r\n\
+             <stored_messages>{k}</stored_messages>\r\n  <subscribers>{s}</subscribers>\r\n\
              </channel>\r\n"
         ),
     };
@@ -257,7 +256,7 @@ mod tests {
     use super::*;
 
     fn info(id: &str, p: u64, s: u64) -> Info {
-        Info { id: id.as_bytes().to_vec(), published: p, subscribers: s, wildcard: false }
+        Info { id: id.as_bytes().to_vec(), published: p, stored: 0, subscribers: s, wildcard: false }
     }
 
     #[test]

@@ -47,6 +47,16 @@ impl Message<'_> {
 pub struct Meta {
     pub event_id: Option<String>,
     pub event_type: Option<String>,
+    /// Where a stored message stands in its channel (the store's notifications).
+    pub stored: Option<Position>,
+}
+
+/// A stored message's offset in its channel, with its time (Unix seconds) and tag.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Position {
+    pub offset: i64,
+    pub second: i64,
+    pub tag: i64,
 }
 
 impl Meta {
@@ -91,7 +101,13 @@ pub fn unwrap_with_meta(payload: &str) -> (Message<'_>, Meta) {
     if let Some(json) = payload.strip_prefix("\u{1b}m") {
         if let Ok(serde_json::Value::Object(o)) = serde_json::from_str(json) {
             let field = |k: &str| o.get(k).and_then(|v| v.as_str()).map(str::to_string);
-            let meta = Meta { event_id: field("i"), event_type: field("y") };
+            let number = |k: &str| o.get(k).and_then(serde_json::Value::as_i64);
+            let stored = number("o").map(|offset| Position {
+                offset,
+                second: number("s").unwrap_or(0),
+                tag: number("g").unwrap_or(0),
+            });
+            let meta = Meta { event_id: field("i"), event_type: field("y"), stored };
             if let Some(t) = field("t") {
                 return (Message::Text(t.into_bytes().into()), meta);
             }
@@ -185,6 +201,16 @@ pub fn for_channel(channel: &str, id: &str, payload: &str) -> String {
     }
 }
 
+/// The whole PostgreSQL channel name a store notification under a derived LISTEN name
+/// carries (`"n"`), if any.
+pub fn channel_name_of(payload: &str) -> Option<String> {
+    let json = payload.strip_prefix("\u{1b}m")?;
+    match serde_json::from_str(json).ok()? {
+        serde_json::Value::Object(o) => o.get("n")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
 /// The channel id an `ESC 'm'` envelope carries, if any.
 pub fn channel_of(payload: &str) -> Option<String> {
     let json = payload.strip_prefix("\u{1b}m")?;
@@ -225,7 +251,7 @@ mod tests {
 
     #[test]
     fn the_channel_travels_with_any_message() {
-        let meta = Meta { event_id: Some("7".into()), event_type: None };
+        let meta = Meta { event_id: Some("7".into()), ..Meta::default() };
         for p in [
             "plain".to_string(),
             wrap_text("\u{1b}odd\0"),
@@ -316,7 +342,8 @@ mod tests {
 
     #[test]
     fn event_id_and_type_travel_with_the_message() {
-        let meta = Meta { event_id: Some("e-1".into()), event_type: Some("news".into()) };
+        let meta =
+            Meta { event_id: Some("e-1".into()), event_type: Some("news".into()), stored: None };
         let p = wrap_text_with("héllo \"x\"\n\0", &meta);
         assert!(!p.contains('\0'));
         let (m, got) = unwrap_with_meta(&p);

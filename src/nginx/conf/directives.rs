@@ -133,6 +133,8 @@ macro_rules! loc {
 }
 
 const T1: u32 = NGX_CONF_TAKE1;
+/// For a directive accepted before it works: `nginx -t` warns that it has no effect yet.
+#[allow(dead_code)]
 const NOT_YET: bool = false;
 const READY: bool = true;
 
@@ -148,7 +150,7 @@ const STR_NONEMPTY: Kind = Kind::Str { nonempty: true };
 /// Every directive pgpush accepts: push-stream 0.6.0's, the fork's `*_request` hooks, and
 /// our `push_stream_postgres*`. README.md's directive reference must list each one (t/00).
 #[rustfmt::skip]
-pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 48] = [
+pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 50] = [
     /* locations and their role */
     loc!("push_stream_channels_statistics", NGX_CONF_NOARGS, channels_statistics, Custom(set_channels_statistics), READY),
     loc!("push_stream_publisher", NGX_CONF_NOARGS | T1, publisher, Custom(set_publisher), READY),
@@ -161,9 +163,9 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 48] = [
     main!("push_stream_channel_inactivity_time", T1, channel_inactivity_time, SEC, READY),
     main!("push_stream_ping_message_text", T1, ping_message_text, STR, READY),
     main!("push_stream_timeout_with_body", T1, timeout_with_body, Flag, READY),
-    main!("push_stream_message_ttl", T1, message_ttl, SEC_POS, NOT_YET),
+    main!("push_stream_message_ttl", T1, message_ttl, SEC_POS, READY),
     main!("push_stream_max_subscribers_per_channel", T1, max_subscribers_per_channel, NUM_POS, READY),
-    main!("push_stream_max_messages_stored_per_channel", T1, max_messages_stored_per_channel, NUM_POS, NOT_YET),
+    main!("push_stream_max_messages_stored_per_channel", T1, max_messages_stored_per_channel, NUM_POS, READY),
     main!("push_stream_max_channel_id_length", T1, max_channel_id_length, NUM_POS, READY),
     main!("push_stream_max_number_of_channels", T1, max_number_of_channels, NUM_POS, READY),
     main!("push_stream_max_number_of_wildcard_channels", T1, max_number_of_wildcard_channels, NUM_POS, READY),
@@ -171,7 +173,7 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 48] = [
     main!("push_stream_events_channel_id", T1, events_channel_id, STR, READY),
 
     /* per-location behaviour */
-    any_if!("push_stream_store_messages", T1, store_messages, Flag, NOT_YET),
+    any_if!("push_stream_store_messages", T1, store_messages, Flag, READY),
     any!("push_stream_channel_info_on_publish", T1, channel_info_on_publish, Flag, READY),
     any!("push_stream_authorized_channels_only", T1, authorized_channels_only, Flag, READY),
     any!("push_stream_header_template_file", T1, header_template, Custom(set_header_template_file), READY),
@@ -186,7 +188,7 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 48] = [
     any!("push_stream_websocket_allow_publish", T1, websocket_allow_publish, Flag, READY),
     any_if!("push_stream_last_received_message_time", T1, last_received_message_time, Complex, READY),
     any_if!("push_stream_last_received_message_tag", T1, last_received_message_tag, Complex, READY),
-    any_if!("push_stream_last_event_id", T1, last_event_id, Complex, NOT_YET),
+    any_if!("push_stream_last_event_id", T1, last_event_id, Complex, READY),
     any!("push_stream_user_agent", T1, user_agent, Complex, READY),
     any!("push_stream_padding_by_user_agent", T1, padding_by_user_agent, Custom(set_padding_by_user_agent), READY),
     any!("push_stream_allowed_origins", T1, allowed_origins, Complex, READY),
@@ -202,6 +204,8 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 48] = [
     main!("push_stream_postgres_channel_prefix", T1, postgres_channel_prefix, Custom(set_postgres_channel_prefix), READY),
     main!("push_stream_postgres_reconnect", NGX_CONF_TAKE2, postgres_reconnect, Custom(set_postgres_reconnect), READY),
     main!("push_stream_postgres_publish_timeout", T1, postgres_publish_timeout, MSEC, READY),
+    main!("push_stream_postgres_schema", T1, postgres_schema, STR_NONEMPTY, READY),
+    main!("push_stream_postgres_schema_install", T1, postgres_schema_install, Flag, READY),
     any!("push_stream_postgres_on_subscribe", NGX_CONF_1MORE, postgres_on_subscribe, Custom(set_sql_hook), READY),
     any!("push_stream_postgres_on_unsubscribe", NGX_CONF_1MORE, postgres_on_unsubscribe, Custom(set_sql_hook), READY),
     any!("push_stream_postgres_on_publish", NGX_CONF_1MORE, postgres_on_publish, Custom(set_sql_hook), READY),

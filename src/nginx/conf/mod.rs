@@ -56,6 +56,12 @@ pub struct MainConf {
     pub postgres_reconnect: Option<Reconnect>,
     /// How long a publish waits for PostgreSQL while the connection is down.
     pub postgres_publish_timeout: ngx_msec_t,
+    /// The store's schema (`push_stream_postgres_schema`).
+    pub postgres_schema: ngx_str_t,
+    /// Whether nginx installs the store's schema (`push_stream_postgres_schema_install`).
+    pub postgres_schema_install: ngx_flag_t,
+    /// Some location stores messages: the side connections use the store.
+    pub store: bool,
 
     /// Some location subscribes or publishes: the module is in use in this configuration.
     pub has_push_locations: bool,
@@ -88,6 +94,9 @@ impl Default for MainConf {
             postgres_channel_prefix: NULL_STR,
             postgres_reconnect: None,
             postgres_publish_timeout: NGX_CONF_UNSET_MSEC,
+            postgres_schema: NULL_STR,
+            postgres_schema_install: NGX_CONF_UNSET as ngx_flag_t,
+            store: false,
             has_push_locations: false,
             has_sql_hooks: false,
             warned: BTreeSet::new(),
@@ -113,6 +122,27 @@ impl MainConf {
         }
         self.postgres_reconnect.get_or_insert_with(Reconnect::default);
         init(&mut self.postgres_publish_timeout, NGX_CONF_UNSET_MSEC, 5000);
+        init_str(&mut self.postgres_schema, "pgpush");
+        init(&mut self.postgres_schema_install, NGX_CONF_UNSET as ngx_flag_t, 1);
+    }
+
+    /// How the side connections use the store, when some location stores messages.
+    pub fn store_config(&self) -> Option<crate::postgres::store::StoreConfig> {
+        if !self.store {
+            return None;
+        }
+        let ttl = std::time::Duration::from_secs(self.message_ttl.max(1) as u64);
+        Some(crate::postgres::store::StoreConfig {
+            schema: String::from_utf8_lossy(self.postgres_schema.as_bytes()).into_owned(),
+            install: self.postgres_schema_install != 0,
+            max_stored: Self::limit(self.max_messages_stored_per_channel).map(|n| n as i64),
+            ttl,
+            // often enough that expired rows are few, rarely enough to cost nothing
+            clean_every: ttl.clamp(
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(10),
+            ),
+        })
     }
 
     /// `push_stream_postgres_channel_prefix` (checked to be UTF-8 by its setter).

@@ -176,7 +176,7 @@ pub fn subscribe(r: &mut ngx_http_request_t, stream: Option<bool>) -> Result<ngx
 /// The PostgreSQL channels of the request's channels path.
 pub(super) fn path_channels(
     r: &mut ngx_http_request_t,
-) -> Result<Vec<String>, channels::ChannelError> {
+) -> Result<Vec<(String, u32)>, channels::ChannelError> {
     let (path, limits) = http::channels_path(r);
     let list = channels::parse_path(&path, limits)?;
     let ids: Vec<&[u8]> = list.iter().map(|c| c.id.as_bytes()).collect();
@@ -204,7 +204,7 @@ pub(super) fn path_channels(
     if let Some((_, why)) = counted {
         return Err(refused(why));
     }
-    Ok(list.iter().map(|c| channels::pg_channel(limits.pg_prefix, &c.id)).collect())
+    Ok(list.iter().map(|c| (channels::pg_channel(limits.pg_prefix, &c.id), c.backtrack)).collect())
 }
 
 /// `push_stream_wildcard_channel_max_qtd`: at most that many wildcard channels, and never
@@ -259,7 +259,7 @@ fn padding_rule(r: &mut ngx_http_request_t) -> u8 {
 /// Admits the subscriber, joins its channels and holds the request until it is ready.
 fn start(
     r: &mut ngx_http_request_t,
-    channels: Vec<String>,
+    channels: Vec<(String, u32)>,
     handshake: Option<Box<Handshake>>,
     framing: Framing,
 ) -> Result<ngx_int_t, ngx_int_t> {
@@ -859,15 +859,21 @@ impl Subscriber {
             return Err((close::TOO_BIG, reason));
         }
         let me = ptr::from_mut(self);
+        let stored = self.lcf.store_messages == 1;
         worker::with(|w| {
             for (channel, id, notified) in each {
-                let done = Box::new(move |n, outcome: Result<(), &str>| {
-                    if outcome.is_ok() && zone::published(id.as_bytes(), true) {
-                        events::emit(Event::ChannelCreated, id.as_bytes());
+                let done = Box::new(move |n, outcome: Result<i64, &str>| {
+                    if let Ok(kept) = outcome {
+                        if zone::published(id.as_bytes(), true) {
+                            events::emit(Event::ChannelCreated, id.as_bytes());
+                        }
+                        if stored {
+                            zone::stored(id.as_bytes(), kept);
+                        }
                     }
-                    published(me, n, outcome)
+                    published(me, n, outcome.map(|_| ()))
                 });
-                reader.pending.push_back(w.publish(channel, notified, done));
+                reader.pending.push_back(w.publish(channel, notified, stored, done));
             }
         });
         Ok(())

@@ -15,6 +15,8 @@ use nginx_sys::{ngx_http_request_t, ngx_int_t, ngx_msec_t};
 use crate::nginx::conf::LocConf;
 use crate::nginx::http::{self, finalize, DONE};
 use crate::nginx::lifecycle::{self, Encoding, SubKey, Subscription, Transport};
+use crate::nginx::worker;
+use crate::postgres::store::{Since, Stored};
 use crate::postgres::cells::Reply;
 use crate::protocol::template::Values;
 
@@ -25,24 +27,53 @@ pub struct LongPoller {
     r: *mut ngx_http_request_t,
     lcf: &'static LocConf,
     sub: Subscription,
-    /// The message that answers this request, with its time and tag.
-    answer: Option<(Rc<[u8]>, i64, u64)>,
+    /// The messages that answer this request, with the time and tag of the last one.
+    answer: Vec<Rc<[u8]>>,
+    stamp: (i64, u64),
     done: bool,
+    /// Whether it joined its channels (a polling request only reads their history).
+    joined: bool,
+    /// The history read in flight, for a polling request.
+    reading: Option<u64>,
 }
 
 /// A long-polling request: joins its channels and waits.
 pub fn subscribe(
     r: &mut ngx_http_request_t,
-    channels: Vec<String>,
+    channels: Vec<(String, u32)>,
 ) -> Result<ngx_int_t, ngx_int_t> {
     let lcf = http::loc_conf(r);
     let poller = Box::new(LongPoller {
         r: ptr::from_mut(r),
         lcf,
         sub: Subscription::admit(r, lcf, channels),
-        answer: None,
+        answer: Vec::new(),
+        stamp: (0, 0),
         done: false,
+        joined: true,
+        reading: None,
     });
+    let raw = hold(r, poller)?;
+    // SAFETY: raw is live until the cleanup, which leaves first
+    let key = unsafe { SubKey::new(&mut *raw) };
+    lifecycle::join(key);
+    let ttl = match lcf.longpolling_connection_ttl {
+        t if t != nginx_sys::NGX_CONF_UNSET as ngx_msec_t => t,
+        _ => lcf.subscriber_connection_ttl,
+    };
+    if ttl != nginx_sys::NGX_CONF_UNSET as ngx_msec_t {
+        // SAFETY: the connection's write event is unused while the request waits
+        unsafe { nginx_sys::ngx_add_timer((*r.connection).write, ttl) };
+    }
+    Ok(DONE)
+}
+
+/// Keeps the poller with its request until the request is freed, and holds the request
+/// until it is answered (the handler's NGX_DONE returns one count).
+fn hold(
+    r: &mut ngx_http_request_t,
+    poller: Box<LongPoller>,
+) -> Result<*mut LongPoller, ngx_int_t> {
     // SAFETY: the cleanup is allocated from the request pool and runs when it is freed
     let cln = unsafe { nginx_sys::ngx_http_cleanup_add(r, 0) };
     if cln.is_null() {
@@ -56,28 +87,67 @@ pub fn subscribe(
         *r.ctx.add(<crate::nginx::HttpPgPushModule as ngx::http::HttpModule>::module().ctx_index) =
             raw.cast();
     }
-    // SAFETY: raw is live until the cleanup, which leaves first
-    let key = unsafe { SubKey::new(&mut *raw) };
-    lifecycle::join(key);
-    // held until answered; this handler's NGX_DONE returns one count
     // SAFETY: r->main is the request itself
     unsafe { (*r.main).set_count((*r.main).count() + 1) };
     r.read_event_handler = Some(nginx_sys::ngx_http_test_reading);
     r.write_event_handler = Some(on_write);
-    let ttl = match lcf.longpolling_connection_ttl {
-        t if t != nginx_sys::NGX_CONF_UNSET as ngx_msec_t => t,
-        _ => lcf.subscriber_connection_ttl,
-    };
-    if ttl != nginx_sys::NGX_CONF_UNSET as ngx_msec_t {
-        // SAFETY: the connection's write event is unused while the request waits
-        unsafe { nginx_sys::ngx_add_timer((*r.connection).write, ttl) };
+    Ok(raw)
+}
+
+/// `polling`: answered at once. With a store and a position (`.bN`, a last event id, or
+/// a time and tag), with the stored messages after it; else, or with none, `304`.
+pub fn poll(
+    r: &mut ngx_http_request_t,
+    channels: Vec<(String, u32)>,
+) -> Result<ngx_int_t, ngx_int_t> {
+    let prefix = http::main_conf(r).channel_prefix().len();
+    let ids: Vec<&str> = channels.iter().map(|(c, _)| c.get(prefix..).unwrap_or(c)).collect();
+    super::polling::touch(r, &ids)?;
+    let backtracks: Vec<u32> = channels.iter().map(|(_, b)| *b).collect();
+    let since = lifecycle::resume_points(r, &backtracks);
+    let asked: Vec<(String, Since)> = channels
+        .iter()
+        .zip(since)
+        .filter_map(|((c, _), s)| s.map(|s| (c.clone(), s)))
+        .collect();
+    if asked.is_empty() {
+        return Ok(super::polling::not_modified(r));
     }
+    let lcf = http::loc_conf(r);
+    let poller = Box::new(LongPoller {
+        r: ptr::from_mut(r),
+        lcf,
+        sub: Subscription::default(),
+        answer: Vec::new(),
+        stamp: (0, 0),
+        done: false,
+        joined: false,
+        reading: None,
+    });
+    let raw = hold(r, poller)?;
+    let asked_ids: Vec<String> =
+        asked.iter().map(|(c, _)| c.get(prefix..).unwrap_or(c).to_string()).collect();
+    let done: worker::HistoryDone = Box::new(move |result| {
+        // SAFETY: the cleanup drops this read before it frees the poller
+        let poller = unsafe { &mut *raw };
+        poller.reading = None;
+        poller.polled(result, &asked_ids);
+    });
+    let id = worker::with(|w| w.history(asked, done));
+    // SAFETY: raw is live until the request's cleanup
+    unsafe { (*raw).reading = id };
     Ok(DONE)
 }
 
 extern "C" fn cleanup(data: *mut c_void) {
     // SAFETY: data is the Box leaked in subscribe(); cleanups run once
     let mut poller = unsafe { Box::from_raw(data.cast::<LongPoller>()) };
+    if let Some(id) = poller.reading.take() {
+        worker::with(|w| drop(w.take_history(id)));
+    }
+    if !poller.joined {
+        return;
+    }
     // SAFETY: the key of this transport, leaving before it is freed
     lifecycle::leave(unsafe { SubKey::new(&mut *poller) });
 }
@@ -113,11 +183,55 @@ impl LongPoller {
                 time: "Thu, 01 Jan 1970 00:00:00 GMT",
                 ..Values::default()
             };
-            let body = self.render(&v);
-            self.respond(200, &body, None);
+            let body = Rc::from(self.render(&v));
+            self.respond(200, &[body], None);
         } else {
             self.respond(304, &[], None);
         }
+    }
+
+    /// A polling request's history arrived: it answers with it, or `304`.
+    fn polled(&mut self, result: Result<Vec<Vec<Stored>>, String>, ids: &[String]) {
+        let lists = match result {
+            Ok(lists) => lists,
+            Err(why) => {
+                ngx::ngx_log_error!(
+                    nginx_sys::NGX_LOG_ERR,
+                    // SAFETY: a waiting request is alive
+                    unsafe { (*(*self.r).connection).log },
+                    "pgpush: no history for a polling request: {}",
+                    why
+                );
+                Vec::new()
+            }
+        };
+        for (id, list) in ids.iter().zip(lists) {
+            for m in list {
+                let time = lifecycle::http_time(m.second);
+                let v = Values {
+                    text: m.message.bytes(),
+                    binary: m.message.is_binary(),
+                    channel: id,
+                    id: m.offset,
+                    time: &time,
+                    tag: m.tag.max(0) as u64,
+                    event_id: m.event_id.as_deref().unwrap_or_default(),
+                    event_type: m.event_type.as_deref().unwrap_or_default(),
+                };
+                self.answer.push(Rc::from(self.render(&v)));
+                self.stamp = (m.second, m.tag.max(0) as u64);
+            }
+        }
+        if self.answer.is_empty() {
+            self.done = true;
+            // SAFETY: a waiting request is alive
+            let r = unsafe { &mut *self.r };
+            let rc = super::polling::not_modified(r);
+            return finalize(r, rc);
+        }
+        let messages = std::mem::take(&mut self.answer);
+        let stamp = self.stamp;
+        self.respond(200, &messages, Some(stamp));
     }
 
     fn render(&self, v: &Values<'_>) -> Vec<u8> {
@@ -132,7 +246,7 @@ impl LongPoller {
     /// Answers and finalizes: the header and footer templates around a message, JSONP
     /// with `?callback=`; `304` has no body. A message's time and tag are its
     /// `Last-Modified` and `Etag`, else now and `W/0`.
-    fn respond(&mut self, status: u32, message: &[u8], stamp: Option<(i64, u64)>) {
+    fn respond(&mut self, status: u32, messages: &[Rc<[u8]>], stamp: Option<(i64, u64)>) {
         self.done = true;
         // SAFETY: a waiting request is alive (its cleanup ends the poller)
         let r = unsafe { &mut *self.r };
@@ -144,10 +258,15 @@ impl LongPoller {
                 Some(cb) => {
                     body.extend_from_slice(cb);
                     body.extend_from_slice(b"([");
-                    body.extend_from_slice(message);
+                    for (k, m) in messages.iter().enumerate() {
+                        if k > 0 {
+                            body.push(b',');
+                        }
+                        body.extend_from_slice(m);
+                    }
                     body.extend_from_slice(b"]);");
                 }
-                None => body.extend_from_slice(message),
+                None => messages.iter().for_each(|m| body.extend_from_slice(m)),
             }
             body.extend_from_slice(self.lcf.footer_template.as_bytes());
             if callback.is_some() {
@@ -200,7 +319,7 @@ impl Transport for LongPoller {
     fn ready(&mut self) {}
 
     fn accepts(&self) -> bool {
-        !self.done && self.answer.is_none()
+        !self.done
     }
 
     fn encoding(&self) -> Encoding {
@@ -214,19 +333,17 @@ impl Transport for LongPoller {
     }
 
     fn queue(&mut self, encoded: Rc<[u8]>, _channel: &str) {
-        if self.answer.is_none() {
-            let (sec, tag) = lifecycle::current_stamp();
-            self.answer = Some((encoded, sec, tag));
-        }
+        self.answer.push(encoded);
+        self.stamp = lifecycle::current_stamp();
     }
 
     fn flush(&mut self) {
-        if self.done {
+        if self.done || self.answer.is_empty() {
             return;
         }
-        if let Some((m, sec, tag)) = self.answer.take() {
-            self.respond(200, &m, (sec > 0).then_some((sec, tag)));
-        }
+        let messages = std::mem::take(&mut self.answer);
+        let (sec, tag) = self.stamp;
+        self.respond(200, &messages, (sec > 0).then_some((sec, tag)));
     }
 
     fn going_away(&mut self) {

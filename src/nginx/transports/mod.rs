@@ -58,11 +58,7 @@ fn long_polling(r: &mut ngx_http_request_t, polling: bool) -> Result<ngx_int_t, 
         return Ok(rc);
     }
     match connection::path_channels(r) {
-        Ok(channels) if polling => {
-            let prefix = http::main_conf(r).channel_prefix().len();
-            let ids: Vec<String> = channels.iter().map(|c| c[prefix..].to_string()).collect();
-            Ok(polling::answer(r, &ids))
-        }
+        Ok(channels) if polling => longpoll::poll(r, channels),
         Ok(channels) => longpoll::subscribe(r, channels),
         Err(e) => Ok(http::send_explain(r, e.status().into(), &e.to_string())),
     }

@@ -1,0 +1,219 @@
+//! The message store (`push_stream_store_messages on`): the `pgpush` schema of
+//! `sql/pgpush.sql`, publishing through it, reading a channel's history, and the cleaner.
+//!
+//! Everything runs on the worker's side connection. The schema's functions do the work;
+//! this file only names them, with the schema the configuration chose.
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use tokio_postgres::{Client, Statement};
+
+use crate::protocol::channels::quote_ident;
+use crate::protocol::payload::{self, Message};
+
+/// The shipped schema, version 1.
+pub const SCHEMA_SQL: &str = include_str!("../../sql/pgpush.sql");
+
+/// How the store is used, from the configuration.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// The schema's name (`push_stream_postgres_schema`, `pgpush` by default).
+    pub schema: String,
+    /// Install (or upgrade) the schema on connect (`push_stream_postgres_schema_install`).
+    pub install: bool,
+    /// `push_stream_max_messages_stored_per_channel`, if any.
+    pub max_stored: Option<i64>,
+    /// `push_stream_message_ttl`.
+    pub ttl: Duration,
+    /// How often the cleaner runs.
+    pub clean_every: Duration,
+}
+
+/// Where a subscriber resumes a channel from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Since {
+    /// The last N kept messages (`.bN`).
+    Backtrack(u32),
+    /// Messages after this time and tag (`If-Modified-Since` / `If-None-Match`).
+    Time { second: i64, tag: i64 },
+    /// Messages after the newest one with this event id (`Last-Event-ID`).
+    EventId(String),
+}
+
+/// A stored message, as history gives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored {
+    pub offset: i64,
+    pub second: i64,
+    pub tag: i64,
+    pub message: Message<'static>,
+    pub event_id: Option<String>,
+    pub event_type: Option<String>,
+}
+
+/// The store's prepared statements on one connection.
+pub struct Statements {
+    publish: Statement,
+    history: Statement,
+    clean: Statement,
+}
+
+/// The install script for `schema`: the shipped file with every `pgpush.` renamed.
+pub fn install_sql(schema: &str) -> String {
+    if schema == "pgpush" {
+        return SCHEMA_SQL.to_string();
+    }
+    let q = quote_ident(schema);
+    SCHEMA_SQL
+        .replace("SCHEMA IF NOT EXISTS pgpush;", &format!("SCHEMA IF NOT EXISTS {q};"))
+        .replace("pgpush.", &format!("{q}."))
+}
+
+impl Statements {
+    /// Installs the schema if asked, then prepares the statements.
+    pub async fn prepare(client: &Client, cfg: &StoreConfig) -> Result<Self, tokio_postgres::Error> {
+        if cfg.install {
+            client.batch_execute(&format!("BEGIN;\n{}\nCOMMIT;", install_sql(&cfg.schema))).await?;
+        }
+        let s = quote_ident(&cfg.schema);
+        let publish = client
+            .prepare(&format!(
+                "SELECT {s}.publish_batch($1::text[], $2::text[], $3::text[], $4::text[], \
+                 $5::text[], $6::bigint, make_interval(secs => $7::float8))"
+            ))
+            .await?;
+        let history = client
+            .prepare(&format!(
+                "SELECT \"offset\", second, tag::bigint, payload, payload_bin, event_id, event_type \
+                 FROM {s}.kept($1::text, $2::bigint, make_interval(secs => $3::float8)) k \
+                 WHERE ($4::bigint IS NULL OR k.\"offset\" > (SELECT max(x.\"offset\") \
+                        FROM {s}.kept($1::text, $2::bigint, make_interval(secs => $3::float8)) x \
+                        WHERE x.event_id = $5::text)) \
+                   AND ($6::bigint IS NULL OR k.second > $6::bigint \
+                        OR (k.second = $6::bigint AND k.tag > $7::bigint)) \
+                   AND ($8::bigint IS NULL OR k.\"offset\" > (SELECT coalesce(max(y.\"offset\"), 0) \
+                        FROM {s}.kept($1::text, $2::bigint, make_interval(secs => $3::float8)) y) - $8::bigint) \
+                 ORDER BY \"offset\""
+            ))
+            .await?;
+        let clean = client
+            .prepare(&format!("SELECT {s}.clean($1::bigint, make_interval(secs => $2::float8))"))
+            .await?;
+        Ok(Self { publish, history, clean })
+    }
+
+    /// Publishes through the store, in order; the number of messages each channel keeps
+    /// after its message.
+    pub async fn publish(
+        &self,
+        client: &Client,
+        cfg: &StoreConfig,
+        publishes: &[(&str, &str)],
+    ) -> Result<Vec<i64>, tokio_postgres::Error> {
+        let n = publishes.len();
+        let (mut c, mut t, mut b, mut i, mut y) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for (channel, notified) in publishes {
+            let (message, meta) = payload::unwrap_with_meta(notified);
+            c.push(channel.to_string());
+            match message {
+                Message::Binary(bytes) => {
+                    t.push(None);
+                    b.push(Some(STANDARD.encode(bytes)));
+                }
+                Message::Text(text) => {
+                    t.push(Some(String::from_utf8_lossy(&text).into_owned()));
+                    b.push(None);
+                }
+            }
+            i.push(meta.event_id);
+            y.push(meta.event_type);
+        }
+        let ttl = cfg.ttl.as_secs_f64();
+        let rows =
+            client.query(&self.publish, &[&c, &t, &b, &i, &y, &cfg.max_stored, &ttl]).await?;
+        Ok(rows.iter().map(|r| r.get::<_, Option<i64>>(0).unwrap_or(0)).collect())
+    }
+
+    /// A channel's kept messages after `since`, oldest first.
+    pub async fn history(
+        &self,
+        client: &Client,
+        cfg: &StoreConfig,
+        channel: &str,
+        since: &Since,
+    ) -> Result<Vec<Stored>, tokio_postgres::Error> {
+        let ttl = cfg.ttl.as_secs_f64();
+        let (mut by_event, mut event, mut second, mut tag, mut back) =
+            (None::<i64>, None::<String>, None::<i64>, 0i64, None::<i64>);
+        match since {
+            Since::Backtrack(n) => back = Some(i64::from(*n)),
+            Since::Time { second: s, tag: t } => {
+                second = Some(*s);
+                tag = *t;
+            }
+            Since::EventId(e) => {
+                by_event = Some(1);
+                event = Some(e.clone());
+            }
+        }
+        let rows = client
+            .query(
+                &self.history,
+                &[&channel, &cfg.max_stored, &ttl, &by_event, &event, &second, &tag, &back],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let message = match r.get::<_, Option<Vec<u8>>>(4) {
+                    Some(bytes) => Message::Binary(bytes),
+                    None => Message::Text(
+                        r.get::<_, Option<String>>(3).unwrap_or_default().into_bytes().into(),
+                    ),
+                };
+                Stored {
+                    offset: r.get(0),
+                    second: r.get(1),
+                    tag: r.get(2),
+                    message,
+                    event_id: r.get(5),
+                    event_type: r.get(6),
+                }
+            })
+            .collect())
+    }
+
+    /// One cleaning pass; `None` when another nginx was cleaning.
+    pub async fn clean(
+        &self,
+        client: &Client,
+        cfg: &StoreConfig,
+    ) -> Result<Option<i64>, tokio_postgres::Error> {
+        let ttl = cfg.ttl.as_secs_f64();
+        let row = client.query_one(&self.clean, &[&cfg.max_stored, &ttl]).await?;
+        Ok(row.get(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_renamed_schema_keeps_derived_listen_names() {
+        let sql = install_sql("my \"store\"");
+        assert!(sql.contains("CREATE SCHEMA IF NOT EXISTS \"my \"\"store\"\"\";"));
+        assert!(sql.contains("\"my \"\"store\"\"\".publish_message"));
+        assert!(!sql.contains(" pgpush."));
+        assert!(sql.contains("'pgpush_' || md5(channel)"));
+        assert_eq!(install_sql("pgpush"), SCHEMA_SQL);
+    }
+}
