@@ -220,7 +220,9 @@ pub fn position_value(
     if cv.is_null() || cv == crate::nginx::conf::NGX_CONF_UNSET_PTR {
         header_in(r, header).filter(|v| !v.is_empty()).map(<[u8]>::to_vec)
     } else {
-        complex_value(r, cv).filter(|v| !v.is_empty()).map(|v| crate::protocol::channels::unescape(&v))
+        complex_value(r, cv)
+            .filter(|v| !v.is_empty())
+            .map(|v| crate::protocol::channels::unescape(&v))
     }
 }
 

@@ -105,8 +105,12 @@ pub struct Resume {
     reading: Option<u64>,
     /// Live messages held meanwhile: channel, offset (-1 when not stored), time and tag,
     /// encoded.
-    held: Vec<(Rc<str>, i64, (i64, u64), Rc<[u8]>)>,
+    held: Vec<HeldMessage>,
 }
+
+/// A live message held for a resuming subscriber: its channel, offset (-1 when not
+/// stored), time and tag, and encoding.
+type HeldMessage = (Rc<str>, i64, (i64, u64), Rc<[u8]>);
 
 impl Resume {
     /// Where the channels start, if any of them resumes.
@@ -371,7 +375,7 @@ fn survives(key: SubKey, f: impl FnOnce(&mut dyn Transport)) -> bool {
     GONE.with(|g| g.set((Some(key), false)));
     // SAFETY: the caller holds a live key
     f(unsafe { key.get() });
-    GONE.with(|g| g.replace((None, false))).1 == false
+    !GONE.with(|g| g.replace((None, false))).1
 }
 
 /// Every LISTEN of a resuming subscriber is confirmed: its history is read now, so that
@@ -496,7 +500,7 @@ pub fn resume_points(r: &mut ngx_http_request_t, backtracks: &[u32]) -> Vec<Opti
         Some(id) => Some(Since::EventId(String::from_utf8_lossy(&id).into_owned())),
         None => match http::position(r) {
             (time, tag) if time >= 0 => {
-                Some(Since::Time { second: time as i64, tag: tag.unwrap_or(0) as i64 })
+                Some(Since::Time { second: time, tag: tag.unwrap_or(0) as i64 })
             }
             _ => None,
         },
@@ -646,7 +650,7 @@ pub fn gap() {
     for (channel, keys) in channels {
         let id = channel.get(prefix_len..).unwrap_or(&channel);
         CURRENT.with(|cur| cur.set((0, 0)));
-    CURRENT_OFFSET.with(|o| o.set(-1));
+        CURRENT_OFFSET.with(|o| o.set(-1));
         fan_out(&keys, &Values { channel: id, id: GAP_ID, event_type: "gap", ..now() });
     }
 }

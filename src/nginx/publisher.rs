@@ -140,12 +140,11 @@ fn publish(r: &mut ngx_http_request_t) -> Option<ngx_int_t> {
             .filter(|v| !v.is_empty())
             .map(|v| String::from_utf8_lossy(v).into_owned())
     };
-    let meta =
-        Meta {
-            event_id: meta_header(r, "Event-Id"),
-            event_type: meta_header(r, "Event-Type"),
-            stored: None,
-        };
+    let meta = Meta {
+        event_id: meta_header(r, "Event-Id"),
+        event_type: meta_header(r, "Event-Type"),
+        stored: None,
+    };
     let payload = match String::from_utf8(body) {
         Ok(text) => payload::wrap_text_with(&text, &meta),
         Err(e) => payload::wrap_binary_with(e.as_bytes(), &meta),

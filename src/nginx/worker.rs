@@ -312,8 +312,9 @@ impl Worker {
         let Some(sharing) = self.derived.get(name) else {
             return vec![name.to_string()];
         };
-        let named = payload::channel_name_of(payload)
-            .or_else(|| payload::channel_of(payload).map(|id| channels::pg_channel(&self.prefix, &id)));
+        let named = payload::channel_name_of(payload).or_else(|| {
+            payload::channel_of(payload).map(|id| channels::pg_channel(&self.prefix, &id))
+        });
         match named {
             Some(channel) => sharing.iter().filter(|c| **c == channel).cloned().collect(),
             None => sharing.clone(),

@@ -515,11 +515,7 @@ impl Session<'_> {
 
     /// One batch of commands: all (UN)LISTENs in one round trip, then the publishes.
     /// Returns true on Stop.
-    async fn run_batch(
-        &self,
-        batch: Vec<Command>,
-        wanted: &mut Wanted,
-    ) -> Result<bool, String> {
+    async fn run_batch(&self, batch: Vec<Command>, wanted: &mut Wanted) -> Result<bool, String> {
         let mut sql = String::new();
         let mut listened = Vec::new();
         let mut publishes = Vec::new();
@@ -754,8 +750,7 @@ mod tests {
             p(5, "a", "x"),
             p(6, "b", "x"),
         ]);
-        let ids: Vec<Vec<u64>> =
-            groups.iter().map(|g| g.iter().map(|p| p.id).collect()).collect();
+        let ids: Vec<Vec<u64>> = groups.iter().map(|g| g.iter().map(|p| p.id).collect()).collect();
         assert_eq!(ids, vec![vec![1, 2, 3], vec![4], vec![5, 6]]);
         assert!(split_unique(Vec::new()).is_empty());
     }

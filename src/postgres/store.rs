@@ -73,7 +73,10 @@ pub fn install_sql(schema: &str) -> String {
 
 impl Statements {
     /// Installs the schema if asked, then prepares the statements.
-    pub async fn prepare(client: &Client, cfg: &StoreConfig) -> Result<Self, tokio_postgres::Error> {
+    pub async fn prepare(
+        client: &Client,
+        cfg: &StoreConfig,
+    ) -> Result<Self, tokio_postgres::Error> {
         if cfg.install {
             client.batch_execute(&format!("BEGIN;\n{}\nCOMMIT;", install_sql(&cfg.schema))).await?;
         }

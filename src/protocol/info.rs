@@ -256,7 +256,13 @@ mod tests {
     use super::*;
 
     fn info(id: &str, p: u64, s: u64) -> Info {
-        Info { id: id.as_bytes().to_vec(), published: p, stored: 0, subscribers: s, wildcard: false }
+        Info {
+            id: id.as_bytes().to_vec(),
+            published: p,
+            stored: 0,
+            subscribers: s,
+            wildcard: false,
+        }
     }
 
     #[test]

@@ -138,10 +138,8 @@ impl MainConf {
             max_stored: Self::limit(self.max_messages_stored_per_channel).map(|n| n as i64),
             ttl,
             // often enough that expired rows are few, rarely enough to cost nothing
-            clean_every: ttl.clamp(
-                std::time::Duration::from_secs(1),
-                std::time::Duration::from_secs(10),
-            ),
+            clean_every: ttl
+                .clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(10)),
         })
     }
 

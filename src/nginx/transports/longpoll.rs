@@ -16,8 +16,8 @@ use crate::nginx::conf::LocConf;
 use crate::nginx::http::{self, finalize, DONE};
 use crate::nginx::lifecycle::{self, Encoding, SubKey, Subscription, Transport};
 use crate::nginx::worker;
-use crate::postgres::store::{Since, Stored};
 use crate::postgres::cells::Reply;
+use crate::postgres::store::{Since, Stored};
 use crate::protocol::template::Values;
 
 /// Long-pollers of one location share an encoded message.
@@ -70,10 +70,7 @@ pub fn subscribe(
 
 /// Keeps the poller with its request until the request is freed, and holds the request
 /// until it is answered (the handler's NGX_DONE returns one count).
-fn hold(
-    r: &mut ngx_http_request_t,
-    poller: Box<LongPoller>,
-) -> Result<*mut LongPoller, ngx_int_t> {
+fn hold(r: &mut ngx_http_request_t, poller: Box<LongPoller>) -> Result<*mut LongPoller, ngx_int_t> {
     // SAFETY: the cleanup is allocated from the request pool and runs when it is freed
     let cln = unsafe { nginx_sys::ngx_http_cleanup_add(r, 0) };
     if cln.is_null() {
@@ -105,11 +102,8 @@ pub fn poll(
     super::polling::touch(r, &ids)?;
     let backtracks: Vec<u32> = channels.iter().map(|(_, b)| *b).collect();
     let since = lifecycle::resume_points(r, &backtracks);
-    let asked: Vec<(String, Since)> = channels
-        .iter()
-        .zip(since)
-        .filter_map(|((c, _), s)| s.map(|s| (c.clone(), s)))
-        .collect();
+    let asked: Vec<(String, Since)> =
+        channels.iter().zip(since).filter_map(|((c, _), s)| s.map(|s| (c.clone(), s))).collect();
     if asked.is_empty() {
         return Ok(super::polling::not_modified(r));
     }

@@ -44,4 +44,3 @@ pub fn not_modified(r: &mut ngx_http_request_t) -> ngx_int_t {
     unsafe { nginx_sys::ngx_http_set_content_type(r) };
     http::send_header_only(r, 304)
 }
-
