@@ -55,6 +55,7 @@ fn handle(e: Event) {
                 lifecycle::deliver(&channel, &payload);
             }
         }
+        Event::Positions(list) => lifecycle::positions(list),
         Event::Listening(names) => {
             let channels: Vec<String> =
                 worker::with(|w| names.iter().flat_map(|n| w.channels_of(n)).collect())

@@ -33,7 +33,7 @@ use crate::nginx::events::{self, Event};
 use crate::nginx::hooks::{self, Hooks};
 use crate::nginx::{http, worker, zone};
 use crate::postgres::cells::Reply;
-use crate::postgres::store::{Since, Stored};
+use crate::postgres::store::{self, Since};
 use crate::protocol::payload;
 use crate::protocol::template::Values;
 
@@ -198,6 +198,11 @@ struct Registry {
     waiting: HashMap<String, Vec<SubKey>>,
     /// Subscribers with fresh output, flushed once per batch of messages.
     dirty: Vec<SubKey>,
+    /// With a store: where each listened channel stands, (epoch, offset) of the last stored
+    /// message delivered; (0, 0) when it had none as it was first listened.
+    positions: HashMap<String, (i64, i64)>,
+    /// Channels catching up from the store, with the notifications held meanwhile.
+    catching: HashMap<String, Vec<String>>,
 }
 
 thread_local! {
@@ -291,6 +296,7 @@ pub fn leave(key: SubKey) {
         let mut unlisten = Vec::new();
         for (channel, slot) in &channels {
             if let ListenChange::Unlisten(ch) = reg.hub.unsubscribe(channel, *slot, key) {
+                reg.positions.remove(&ch);
                 unlisten.push(ch);
             }
             if let Some(keys) = reg.waiting.get_mut(&**channel) {
@@ -341,6 +347,13 @@ fn id_of(channel: &str, prefix: usize) -> &str {
 
 /// These channels are LISTENed: subscribers that waited for all of theirs are ready.
 pub fn listening(channels: &[String]) {
+    if worker::with(|w| w.store).unwrap_or(false) {
+        with(|reg| {
+            for ch in channels {
+                reg.positions.entry(ch.clone()).or_insert((0, 0));
+            }
+        });
+    }
     let keys: Vec<SubKey> = with(|reg| {
         let keys = channels.iter().filter_map(|ch| reg.waiting.remove(ch)).flatten().collect();
         if reg.waiting.is_empty() && reg.waiting.capacity() > 64 {
@@ -408,7 +421,7 @@ fn read_history(key: SubKey) -> bool {
 /// A subscriber's history arrived: it is answered (as when its LISTENs were confirmed),
 /// then gets the history, then the live messages held meanwhile that the history did not
 /// hold already.
-fn history_read(key: SubKey, result: Result<Vec<Vec<Stored>>, String>) {
+fn history_read(key: SubKey, result: Result<Vec<Vec<store::Stored>>, String>) {
     // SAFETY: a transport that leaves drops its pending read, so the key is live
     let sub = unsafe { key.get() }.subscription();
     let Some(resume) = sub.resume.take() else { return };
@@ -544,6 +557,115 @@ pub fn current_stamp() -> (i64, u64) {
 /// push-stream's id of the message that tells a channel was deleted.
 pub const DELETED_ID: i64 = -2;
 
+/// Where newly listened stored channels stand (sent before they are [`listening`]).
+pub fn positions(list: Vec<(String, i64, i64)>) {
+    with(|reg| {
+        for (channel, epoch, offset) in list {
+            reg.positions.insert(channel, (epoch, offset));
+        }
+    });
+}
+
+/// What to do with a stored message's notification.
+enum Stored {
+    /// Delivered already (the catch-up after a reconnect had it).
+    Seen,
+    /// The channel is catching up: it waits.
+    Held,
+    /// Too large for its notification: read it (and what follows) from the store.
+    Fetch(i64, i64),
+    Deliver,
+}
+
+/// Reads the channel's stored messages after `from` (epoch, offset), holding its
+/// notifications meanwhile; they are then delivered in order, each once. A gap the store
+/// cannot fill (rows gone, history reset, no store) is told with the gap message.
+fn catch_up(channel: &str, from: (i64, i64), fetching: bool) {
+    let start = with(|reg| {
+        if reg.catching.contains_key(channel) {
+            return false;
+        }
+        reg.catching.insert(channel.to_string(), Vec::new());
+        true
+    })
+    .unwrap_or(false);
+    if !start {
+        return;
+    }
+    let name = channel.to_string();
+    let since = Since::After { epoch: from.0, offset: from.1 };
+    let done: worker::HistoryDone =
+        Box::new(move |result| caught_up(&name, from, fetching, result));
+    worker::with(|w| w.history(vec![(channel.to_string(), since)], done));
+}
+
+fn caught_up(
+    channel: &str,
+    from: (i64, i64),
+    fetching: bool,
+    result: Result<Vec<Vec<store::Stored>>, String>,
+) {
+    let Some(held) = with(|reg| reg.catching.remove(channel)).flatten() else {
+        return;
+    };
+    let keys = with(|reg| reg.hub.subscribers(channel)).unwrap_or_default();
+    let prefix_len = worker::with(|w| w.prefix.len()).unwrap_or(0);
+    let id = channel.get(prefix_len..).unwrap_or(channel);
+    match result {
+        Ok(lists) => {
+            let list = lists.into_iter().next().unwrap_or_default();
+            let known = from != (0, 0);
+            let missing = match list.first() {
+                Some(m) => known && (m.epoch != from.0 || m.offset > from.1 + 1),
+                // a channel that never had a stored message may be a plain one
+                None => !known || fetching,
+            };
+            if missing {
+                gap_channel(channel, &keys);
+            }
+            for m in list {
+                let seen = with(|reg| {
+                    let p = reg.positions.entry(channel.to_string()).or_insert((0, 0));
+                    if p.0 == m.epoch && m.offset <= p.1 {
+                        return true;
+                    }
+                    *p = (m.epoch, m.offset);
+                    false
+                })
+                .unwrap_or(false);
+                if seen {
+                    continue;
+                }
+                let time = http_time(m.second);
+                CURRENT.with(|cur| cur.set((m.second, m.tag.max(0) as u64)));
+                CURRENT_OFFSET.with(|o| o.set(m.offset));
+                let v = Values {
+                    text: m.message.bytes(),
+                    binary: m.message.is_binary(),
+                    channel: id,
+                    id: m.offset,
+                    time: &time,
+                    tag: m.tag.max(0) as u64,
+                    event_id: m.event_id.as_deref().unwrap_or_default(),
+                    event_type: m.event_type.as_deref().unwrap_or_default(),
+                };
+                fan_out(&keys, &v);
+            }
+        }
+        Err(why) => {
+            worker::with(|w| {
+                let msg = format!("catching up on channel \"{id}\" failed: {why}");
+                worker::log(w.log, crate::postgres::Level::Error, &msg)
+            });
+            gap_channel(channel, &keys);
+        }
+    }
+    for payload in held {
+        deliver(channel, &payload);
+    }
+    settle();
+}
+
 /// A NOTIFY arrived: every subscriber of `channel` in this worker gets it.
 pub fn deliver(channel: &str, payload: &str) {
     let prefix_len = worker::with(|w| w.prefix.len()).unwrap_or(0);
@@ -555,6 +677,29 @@ pub fn deliver(channel: &str, payload: &str) {
         return;
     };
     let (message, meta) = payload::unwrap_with_meta(payload);
+    if let Some(st) = meta.stored {
+        let action = with(|reg| {
+            if let Some(held) = reg.catching.get_mut(channel) {
+                held.push(payload.to_string());
+                return Stored::Held;
+            }
+            match reg.positions.get_mut(channel) {
+                Some(p) if p.0 == st.epoch && st.offset <= p.1 => Stored::Seen,
+                _ if meta.fetch => Stored::Fetch(st.epoch, st.offset - 1),
+                Some(p) => {
+                    *p = (st.epoch, st.offset);
+                    Stored::Deliver
+                }
+                None => Stored::Deliver,
+            }
+        })
+        .unwrap_or(Stored::Deliver);
+        match action {
+            Stored::Seen | Stored::Held => return,
+            Stored::Fetch(epoch, offset) => return catch_up(channel, (epoch, offset), true),
+            Stored::Deliver => {}
+        }
+    }
     let (text, binary) = (message.bytes(), message.is_binary());
     let event_id = meta.event_id.as_deref().unwrap_or_default();
     let event_type = meta.event_type.as_deref().unwrap_or_default();
@@ -620,6 +765,7 @@ fn deleted(channel: &str, id: &str, text: &[u8]) {
         events::emit(Event::ClientUnsubscribed, id.as_bytes());
         with(|reg| {
             if let ListenChange::Unlisten(ch) = reg.hub.unsubscribe(channel, slot, key) {
+                reg.positions.remove(&ch);
                 unlisten = Some(ch);
             }
         });
@@ -639,20 +785,34 @@ fn deleted(channel: &str, id: &str, text: &[u8]) {
     settle();
 }
 
-/// The side connection came back: notifications sent while it was down are lost, and every
-/// subscriber is told so with one message per channel, id -4 and event type `gap`.
+/// The side connection came back: notifications sent while it was down are lost. A
+/// channel with stored messages catches up from the store (its subscribers get what they
+/// missed, in order, once); the subscribers of any other channel are told with one message
+/// per channel, id -4 and event type `gap`.
 pub fn gap() {
-    let channels: Vec<(String, Vec<SubKey>)> = with(|reg| {
-        reg.hub.channels().map(|ch| (ch.to_string(), reg.hub.subscribers(ch))).collect()
+    let channels: Vec<(String, Vec<SubKey>, Option<(i64, i64)>)> = with(|reg| {
+        reg.hub
+            .channels()
+            .map(|ch| (ch.to_string(), reg.hub.subscribers(ch), reg.positions.get(ch).copied()))
+            .collect()
     })
     .unwrap_or_default();
-    let prefix_len = worker::with(|w| w.prefix.len()).unwrap_or(0);
-    for (channel, keys) in channels {
-        let id = channel.get(prefix_len..).unwrap_or(&channel);
-        CURRENT.with(|cur| cur.set((0, 0)));
-        CURRENT_OFFSET.with(|o| o.set(-1));
-        fan_out(&keys, &Values { channel: id, id: GAP_ID, event_type: "gap", ..now() });
+    for (channel, keys, position) in channels {
+        match position {
+            // stored channels catch up from where they were
+            Some(from) => catch_up(&channel, from, false),
+            None => gap_channel(&channel, &keys),
+        }
     }
+}
+
+/// Tells the channel's subscribers that they may have missed messages.
+fn gap_channel(channel: &str, keys: &[SubKey]) {
+    let prefix_len = worker::with(|w| w.prefix.len()).unwrap_or(0);
+    let id = channel.get(prefix_len..).unwrap_or(channel);
+    CURRENT.with(|cur| cur.set((0, 0)));
+    CURRENT_OFFSET.with(|o| o.set(-1));
+    fan_out(keys, &Values { channel: id, id: GAP_ID, event_type: "gap", ..now() });
 }
 
 /// The worker is shutting down: every subscriber, waiting or not, is told and closed.

@@ -143,7 +143,7 @@ fn publish(r: &mut ngx_http_request_t) -> Option<ngx_int_t> {
     let meta = Meta {
         event_id: meta_header(r, "Event-Id"),
         event_type: meta_header(r, "Event-Type"),
-        stored: None,
+        ..Meta::default()
     };
     let payload = match String::from_utf8(body) {
         Ok(text) => payload::wrap_text_with(&text, &meta),
@@ -159,7 +159,10 @@ fn publish(r: &mut ngx_http_request_t) -> Option<ngx_int_t> {
             (pg, notified)
         })
         .collect();
-    if each.iter().any(|(_, p)| p.len() > MAX_PAYLOAD) {
+    // a stored message has no size limit: a notification too small for it names its row
+    let stored =
+        http::loc_conf(r).store_messages == 1 && worker::with(|w| w.store).unwrap_or(false);
+    if !stored && each.iter().any(|(_, p)| p.len() > MAX_PAYLOAD) {
         let explain = format!(
             "Message is too large: a PostgreSQL notification carries at most {MAX_PAYLOAD} bytes."
         );
@@ -178,7 +181,6 @@ fn publish(r: &mut ngx_http_request_t) -> Option<ngx_int_t> {
 
     let rp = ptr::from_mut(r);
     let pending = Rc::new(RefCell::new(Pending { r: rp, ids, out: Vec::new(), failed: None }));
-    let stored = http::loc_conf(r).store_messages == 1;
     for (k, (pg, notified)) in each.into_iter().enumerate() {
         let p = pending.clone();
         let done = Box::new(move |pid, outcome: Result<i64, &str>| answer(&p, k, pid, outcome));

@@ -63,6 +63,8 @@ pub struct Worker {
     pub prefix: String,
     /// Derived LISTEN names, with the channels that share each.
     derived: HashMap<String, Vec<String>>,
+    /// Messages are stored: after a reconnect, channels catch up from the store.
+    pub store: bool,
 }
 
 thread_local! {
@@ -163,6 +165,7 @@ pub fn start(
     };
 
     let prefix = mcf.channel_prefix().to_string();
+    let store = mcf.store && side.is_some();
     crate::nginx::zone::start(mcf, cycle.log, c.cast(), Some(destroyed));
     WORKER.with(|w| {
         *w.borrow_mut() = Some(Worker {
@@ -177,6 +180,7 @@ pub fn start(
             next_publish: 1,
             prefix,
             derived: HashMap::new(),
+            store,
         });
     });
     Ok(())

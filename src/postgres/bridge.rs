@@ -35,6 +35,9 @@ pub enum Event {
         relistened: bool,
     },
     Disconnected,
+    /// Where newly LISTENed stored channels stand: (channel, epoch, last offset). Sent
+    /// before their [`Event::Listening`].
+    Positions(Vec<(String, i64, i64)>),
     /// These channels are LISTENed (or will be on reconnect, while the database is down):
     /// a subscriber waiting for them can be told it is subscribed.
     Listening(Vec<String>),

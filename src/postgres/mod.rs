@@ -545,6 +545,19 @@ impl Session<'_> {
             }
         }
         if !listened.is_empty() {
+            if let Some((_, stmts)) = self.store {
+                // where the channels stand as they start being listened: after a reconnect
+                // the worker catches up from there
+                match stmts.positions(self.client, &listened).await {
+                    Ok(p) if !p.is_empty() => self.bridge.push(Event::Positions(p)),
+                    Ok(_) => {}
+                    Err(e) if e.is_closed() => return Err(chain(&e)),
+                    Err(e) => self.bridge.log(
+                        Level::Error,
+                        format!("store: reading channel positions failed: {}", store_error(&e)),
+                    ),
+                }
+            }
             self.bridge.push(Event::Listening(listened));
         }
         self.publish_batch(publishes).await?;

@@ -40,11 +40,15 @@ pub enum Since {
     Time { second: i64, tag: i64 },
     /// Messages after the newest one with this event id (`Last-Event-ID`).
     EventId(String),
+    /// Messages after this offset of this epoch (a worker catching up on a channel); rows
+    /// of another epoch come back too, so the reader can tell that the history was reset.
+    After { epoch: i64, offset: i64 },
 }
 
 /// A stored message, as history gives it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stored {
+    pub epoch: i64,
     pub offset: i64,
     pub second: i64,
     pub tag: i64,
@@ -58,6 +62,7 @@ pub struct Statements {
     publish: Statement,
     history: Statement,
     clean: Statement,
+    positions: Statement,
 }
 
 /// The install script for `schema`: the shipped file with every `pgpush.` renamed.
@@ -89,7 +94,7 @@ impl Statements {
             .await?;
         let history = client
             .prepare(&format!(
-                "SELECT \"offset\", second, tag::bigint, payload, payload_bin, event_id, event_type \
+                "SELECT \"offset\", second, tag::bigint, payload, payload_bin, event_id, event_type, epoch \
                  FROM {s}.kept($1::text, $2::bigint, make_interval(secs => $3::float8)) k \
                  WHERE ($4::bigint IS NULL OR k.\"offset\" > (SELECT max(x.\"offset\") \
                         FROM {s}.kept($1::text, $2::bigint, make_interval(secs => $3::float8)) x \
@@ -98,13 +103,19 @@ impl Statements {
                         OR (k.second = $6::bigint AND k.tag > $7::bigint)) \
                    AND ($8::bigint IS NULL OR k.\"offset\" > (SELECT coalesce(max(y.\"offset\"), 0) \
                         FROM {s}.kept($1::text, $2::bigint, make_interval(secs => $3::float8)) y) - $8::bigint) \
+                   AND ($9::bigint IS NULL OR k.\"offset\" > $9::bigint OR k.epoch <> $10::bigint) \
                  ORDER BY \"offset\""
             ))
             .await?;
         let clean = client
             .prepare(&format!("SELECT {s}.clean($1::bigint, make_interval(secs => $2::float8))"))
             .await?;
-        Ok(Self { publish, history, clean })
+        let positions = client
+            .prepare(&format!(
+                "SELECT channel, epoch, last_offset FROM {s}.channels WHERE channel = ANY($1::text[])"
+            ))
+            .await?;
+        Ok(Self { publish, history, clean, positions })
     }
 
     /// Publishes through the store, in order; the number of messages each channel keeps
@@ -154,8 +165,9 @@ impl Statements {
         since: &Since,
     ) -> Result<Vec<Stored>, tokio_postgres::Error> {
         let ttl = cfg.ttl.as_secs_f64();
-        let (mut by_event, mut event, mut second, mut tag, mut back) =
-            (None::<i64>, None::<String>, None::<i64>, 0i64, None::<i64>);
+        let (mut by_event, mut event, mut second, mut tag, mut back, mut after) =
+            (None::<i64>, None::<String>, None::<i64>, 0i64, None::<i64>, None::<i64>);
+        let mut epoch = 0i64;
         match since {
             Since::Backtrack(n) => back = Some(i64::from(*n)),
             Since::Time { second: s, tag: t } => {
@@ -166,11 +178,26 @@ impl Statements {
                 by_event = Some(1);
                 event = Some(e.clone());
             }
+            Since::After { epoch: e, offset } => {
+                after = Some(*offset);
+                epoch = *e;
+            }
         }
         let rows = client
             .query(
                 &self.history,
-                &[&channel, &cfg.max_stored, &ttl, &by_event, &event, &second, &tag, &back],
+                &[
+                    &channel,
+                    &cfg.max_stored,
+                    &ttl,
+                    &by_event,
+                    &event,
+                    &second,
+                    &tag,
+                    &back,
+                    &after,
+                    &epoch,
+                ],
             )
             .await?;
         Ok(rows
@@ -183,6 +210,7 @@ impl Statements {
                     ),
                 };
                 Stored {
+                    epoch: r.get(7),
                     offset: r.get(0),
                     second: r.get(1),
                     tag: r.get(2),
@@ -192,6 +220,17 @@ impl Statements {
                 }
             })
             .collect())
+    }
+
+    /// Where these channels stand now: (channel, epoch, last offset), for those the store
+    /// has.
+    pub async fn positions(
+        &self,
+        client: &Client,
+        channels: &[String],
+    ) -> Result<Vec<(String, i64, i64)>, tokio_postgres::Error> {
+        let rows = client.query(&self.positions, &[&channels]).await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
     }
 
     /// One cleaning pass; `None` when another nginx was cleaning.

@@ -49,11 +49,14 @@ pub struct Meta {
     pub event_type: Option<String>,
     /// Where a stored message stands in its channel (the store's notifications).
     pub stored: Option<Position>,
+    /// The message was too large for its notification: it is read from the store.
+    pub fetch: bool,
 }
 
 /// A stored message's offset in its channel, with its time (Unix seconds) and tag.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Position {
+    pub epoch: i64,
     pub offset: i64,
     pub second: i64,
     pub tag: i64,
@@ -103,11 +106,16 @@ pub fn unwrap_with_meta(payload: &str) -> (Message<'_>, Meta) {
             let field = |k: &str| o.get(k).and_then(|v| v.as_str()).map(str::to_string);
             let number = |k: &str| o.get(k).and_then(serde_json::Value::as_i64);
             let stored = number("o").map(|offset| Position {
+                epoch: number("e").unwrap_or(0),
                 offset,
                 second: number("s").unwrap_or(0),
                 tag: number("g").unwrap_or(0),
             });
-            let meta = Meta { event_id: field("i"), event_type: field("y"), stored };
+            let fetch = o.get("f").and_then(serde_json::Value::as_bool).unwrap_or(false);
+            let meta = Meta { event_id: field("i"), event_type: field("y"), stored, fetch };
+            if fetch && stored.is_some() {
+                return (Message::Text(Vec::new().into()), meta);
+            }
             if let Some(t) = field("t") {
                 return (Message::Text(t.into_bytes().into()), meta);
             }
@@ -342,8 +350,11 @@ mod tests {
 
     #[test]
     fn event_id_and_type_travel_with_the_message() {
-        let meta =
-            Meta { event_id: Some("e-1".into()), event_type: Some("news".into()), stored: None };
+        let meta = Meta {
+            event_id: Some("e-1".into()),
+            event_type: Some("news".into()),
+            ..Meta::default()
+        };
         let p = wrap_text_with("héllo \"x\"\n\0", &meta);
         assert!(!p.contains('\0'));
         let (m, got) = unwrap_with_meta(&p);

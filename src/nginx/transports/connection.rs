@@ -845,7 +845,8 @@ impl Subscriber {
             })
             .collect();
         let largest = each.iter().map(|(_, _, p)| p.len()).max().unwrap_or(0);
-        if largest > MAX_PAYLOAD {
+        let stored = self.lcf.store_messages == 1 && worker::with(|w| w.store).unwrap_or(false);
+        if largest > MAX_PAYLOAD && !stored {
             ngx::ngx_log_error!(
                 NGX_LOG_INFO,
                 self.log(),
@@ -859,7 +860,6 @@ impl Subscriber {
             return Err((close::TOO_BIG, reason));
         }
         let me = ptr::from_mut(self);
-        let stored = self.lcf.store_messages == 1;
         worker::with(|w| {
             for (channel, id, notified) in each {
                 let done = Box::new(move |n, outcome: Result<i64, &str>| {
