@@ -790,7 +790,8 @@ fn deleted(channel: &str, id: &str, text: &[u8]) {
 /// missed, in order, once); the subscribers of any other channel are told with one message
 /// per channel, id -4 and event type `gap`.
 pub fn gap() {
-    let channels: Vec<(String, Vec<SubKey>, Option<(i64, i64)>)> = with(|reg| {
+    type Listed = (String, Vec<SubKey>, Option<(i64, i64)>);
+    let channels: Vec<Listed> = with(|reg| {
         reg.hub
             .channels()
             .map(|ch| (ch.to_string(), reg.hub.subscribers(ch), reg.positions.get(ch).copied()))
