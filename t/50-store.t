@@ -31,7 +31,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(32);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(35);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -272,7 +272,7 @@ $r = read_for($race, 2);
 my @ids = ($r =~ /^race:(\d+):/mg);
 my $gaps = grep { $ids[$_] != $ids[$_ - 1] + 1 } 1 .. $#ids;
 ok(@ids > 5, 'a subscriber joining mid-stream gets messages (' . scalar(@ids) . ')');
-is($gaps, 0, 'offsets are consecutive: no gap, no duplicate');
+is($gaps, 0, 'offsets are consecutive: no gap, no duplicate') or diag("@ids");
 is($ids[-1], 200, 'up to the last one');
 
 # the cleaner keeps at most max_messages_stored_per_channel rows per channel
@@ -286,5 +286,11 @@ cmp_ok($kept, '<=', 5, 'the cleaner deletes what is over the limit');
 
 # statistics report what is stored
 like(http_get('/pub?id=news'), qr/"stored_messages": 5/, 'channel info: stored_messages');
+
+# an admin DELETE forgets the channel's history: offsets start again from 1
+like(http("DELETE /pub?id=news HTTP/1.0\nHost: localhost\n\n"), qr/^HTTP\/1\.1 200/, 'DELETE');
+like(http_get('/poll?id=news.b5'), qr/^HTTP\/1\.1 304/, 'a deleted channel has no history');
+pub('news', 'again');
+is(body(http_get('/poll?id=news.b5')), '1:again', 'and numbers its messages from 1 again');
 
 ###############################################################################

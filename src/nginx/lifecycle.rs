@@ -373,8 +373,31 @@ pub fn listening(channels: &[String]) {
         }
         sub.waiting -= 1;
         if sub.waiting == 0 && !read_history(key) {
-            t.ready();
+            match sub.resume.take() {
+                // messages that arrived before the LISTEN was confirmed go after the answer
+                Some(resume) => {
+                    if survives(key, |t| t.ready()) {
+                        release(key, resume.held, &HashMap::new());
+                    }
+                }
+                None => t.ready(),
+            }
         }
+    }
+    settle();
+}
+
+/// Queues the live messages held for a subscriber, but those its history had (by offset).
+fn release(key: SubKey, held: Vec<HeldMessage>, newest: &HashMap<Rc<str>, i64>) {
+    // SAFETY: the caller holds a live key
+    let t = unsafe { key.get() };
+    for (channel, offset, stamp, bytes) in held {
+        if offset >= 0 && newest.get(&channel).is_some_and(|&n| offset <= n) {
+            continue;
+        }
+        CURRENT.with(|cur| cur.set(stamp));
+        t.queue(bytes, &channel);
+        mark_dirty(key);
     }
 }
 
@@ -400,6 +423,9 @@ fn read_history(key: SubKey) -> bool {
     let Some(resume) = sub.resume.as_mut() else { return false };
     if resume.reading.is_some() {
         return true;
+    }
+    if !resume.since.iter().any(Option::is_some) {
+        return false;
     }
     let asked: Vec<(String, Since)> = sub
         .channels
@@ -467,16 +493,8 @@ fn history_read(key: SubKey, result: Result<Vec<Vec<store::Stored>>, String>) {
             fan_out(&[key], &v);
         }
     }
-    // SAFETY: live: nothing was flushed since ready()
-    let t = unsafe { key.get() };
-    for (channel, offset, stamp, bytes) in resume.held {
-        if offset >= 0 && newest.get(&channel).is_some_and(|&n| offset <= n) {
-            continue;
-        }
-        CURRENT.with(|cur| cur.set(stamp));
-        t.queue(bytes, &channel);
-        mark_dirty(key);
-    }
+    // live: nothing was flushed since ready()
+    release(key, resume.held, &newest);
     settle();
 }
 
@@ -561,7 +579,8 @@ pub const DELETED_ID: i64 = -2;
 pub fn positions(list: Vec<(String, i64, i64)>) {
     with(|reg| {
         for (channel, epoch, offset) in list {
-            reg.positions.insert(channel, (epoch, offset));
+            // a channel listened already keeps the position of what it delivered
+            reg.positions.entry(channel).or_insert((epoch, offset));
         }
     });
 }
@@ -846,7 +865,8 @@ pub fn fan_out(keys: &[SubKey], message: &Values<'_>) {
     for &key in keys {
         // SAFETY: keys listed in the hub are live
         let t = unsafe { key.get() };
-        let holding = t.subscription().resume.as_ref().is_some_and(|r| r.reading.is_some());
+        // a subscriber still waiting for its LISTENs or its history gets it afterwards
+        let holding = t.subscription().waiting > 0;
         if !holding && !t.accepts() {
             continue;
         }
@@ -860,7 +880,10 @@ pub fn fan_out(keys: &[SubKey], message: &Values<'_>) {
             }
         };
         let sub = t.subscription();
-        if let Some(resume) = sub.resume.as_mut().filter(|r| r.reading.is_some()) {
+        if sub.waiting > 0 {
+            let resume = sub.resume.get_or_insert_with(|| {
+                Box::new(Resume { since: Vec::new(), reading: None, held: Vec::new() })
+            });
             let channel = sub
                 .channels
                 .iter()

@@ -306,12 +306,14 @@ fn delete(r: &mut ngx_http_request_t) -> ngx_int_t {
     let payload = payload::wrap_deleted(&text);
     let prefix = http::main_conf(r).channel_prefix();
     let postgres = worker::with(|w| w.has_postgres()).unwrap_or(false);
+    // with a store, the channel's history goes too
+    let stored = http::loc_conf(r).store_messages == 1;
     for id in existing {
         let pg = channels::pg_channel(prefix, id);
         if postgres {
             let notified = payload::for_channel(&pg, id, &payload);
             // the answer does not wait: the channel is gone from this node's counts already
-            worker::with(|w| w.publish(pg, notified, false, Box::new(|_, _| {})));
+            worker::with(|w| w.publish(pg, notified, stored, Box::new(|_, _| {})));
         } else {
             lifecycle::deliver(&pg, &payload);
         }

@@ -520,12 +520,14 @@ impl Session<'_> {
         let mut listened = Vec::new();
         let mut publishes = Vec::new();
         let mut histories = Vec::new();
+        let mut fresh = Vec::new();
         let mut stop = false;
         for c in batch {
             match c {
                 Command::Listen(ch) => {
                     if wanted.channels.insert(ch.clone()) {
                         sql.push_str(&listen_sql("LISTEN", [&ch].into_iter()));
+                        fresh.push(ch.clone());
                     }
                     listened.push(ch);
                 }
@@ -539,25 +541,26 @@ impl Session<'_> {
                 Command::Stop => stop = true,
             }
         }
+        if let (Some((_, stmts)), false) = (self.store, fresh.is_empty()) {
+            // where the new channels stand just before they are listened: every message
+            // notified from then on comes after it, and after a reconnect the worker
+            // catches up from there
+            match stmts.positions(self.client, &fresh).await {
+                Ok(p) if !p.is_empty() => self.bridge.push(Event::Positions(p)),
+                Ok(_) => {}
+                Err(e) if e.is_closed() => return Err(chain(&e)),
+                Err(e) => self.bridge.log(
+                    Level::Error,
+                    format!("store: reading channel positions failed: {}", store_error(&e)),
+                ),
+            }
+        }
         if !sql.is_empty() {
             if let Err(e) = self.client.batch_execute(&sql).await {
                 return Err(format!("LISTEN/UNLISTEN failed: {}", chain(&e)));
             }
         }
         if !listened.is_empty() {
-            if let Some((_, stmts)) = self.store {
-                // where the channels stand as they start being listened: after a reconnect
-                // the worker catches up from there
-                match stmts.positions(self.client, &listened).await {
-                    Ok(p) if !p.is_empty() => self.bridge.push(Event::Positions(p)),
-                    Ok(_) => {}
-                    Err(e) if e.is_closed() => return Err(chain(&e)),
-                    Err(e) => self.bridge.log(
-                        Level::Error,
-                        format!("store: reading channel positions failed: {}", store_error(&e)),
-                    ),
-                }
-            }
             self.bridge.push(Event::Listening(listened));
         }
         self.publish_batch(publishes).await?;
@@ -599,7 +602,25 @@ impl Session<'_> {
     /// notification, so a repeated pair starts a new statement (stored messages are unique
     /// already: each carries its row id). Errors of a statement are reported to its
     /// publishers; a lost connection is returned.
-    async fn publish_batch(&self, publishes: Vec<Publish>) -> Result<(), String> {
+    async fn publish_batch(&self, mut publishes: Vec<Publish>) -> Result<(), String> {
+        // an admin DELETE of a stored channel forgets its history first
+        for p in publishes.iter_mut() {
+            if !p.stored || crate::protocol::payload::deleted_text(&p.payload).is_none() {
+                continue;
+            }
+            if let Some((_, stmts)) = self.store {
+                match stmts.reset(self.client, &p.channel).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_closed() => return Err(chain(&e)),
+                    Err(e) => self.bridge.log(
+                        Level::Error,
+                        format!("store: resetting \"{}\" failed: {}", p.channel, store_error(&e)),
+                    ),
+                }
+            }
+            p.channel = crate::protocol::channels::listen_name(&p.channel).into_owned();
+            p.stored = false;
+        }
         let (stored, plain): (Vec<Publish>, Vec<Publish>) =
             publishes.into_iter().partition(|p| p.stored && self.store.is_some());
         for group in split_unique(plain) {

@@ -63,6 +63,7 @@ pub struct Statements {
     history: Statement,
     clean: Statement,
     positions: Statement,
+    reset: Statement,
 }
 
 /// The install script for `schema`: the shipped file with every `pgpush.` renamed.
@@ -115,7 +116,8 @@ impl Statements {
                 "SELECT channel, epoch, last_offset FROM {s}.channels WHERE channel = ANY($1::text[])"
             ))
             .await?;
-        Ok(Self { publish, history, clean, positions })
+        let reset = client.prepare(&format!("SELECT {s}.reset($1::text)")).await?;
+        Ok(Self { publish, history, clean, positions, reset })
     }
 
     /// Publishes through the store, in order; the number of messages each channel keeps
@@ -231,6 +233,11 @@ impl Statements {
     ) -> Result<Vec<(String, i64, i64)>, tokio_postgres::Error> {
         let rows = client.query(&self.positions, &[&channels]).await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+    }
+
+    /// Forgets a channel's history (an admin `DELETE`): a new epoch, offsets from 1.
+    pub async fn reset(&self, client: &Client, channel: &str) -> Result<(), tokio_postgres::Error> {
+        client.execute(&self.reset, &[&channel]).await.map(drop)
     }
 
     /// One cleaning pass; `None` when another nginx was cleaning.
