@@ -25,6 +25,8 @@ CREATE TABLE IF NOT EXISTS pgpush.channels (
     last_second  bigint NOT NULL DEFAULT 0,
     last_tag     integer NOT NULL DEFAULT 0
 );
+-- the oldest offset the cleaner left (it moves it), for stored_messages
+ALTER TABLE pgpush.channels ADD COLUMN IF NOT EXISTS first_offset bigint NOT NULL DEFAULT 1;
 
 CREATE TABLE IF NOT EXISTS pgpush.messages (
     id          bigserial PRIMARY KEY,
@@ -40,7 +42,8 @@ CREATE TABLE IF NOT EXISTS pgpush.messages (
     created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
     UNIQUE (channel, "offset")
 );
-CREATE INDEX IF NOT EXISTS messages_created_at ON pgpush.messages (created_at);
+-- BRIN: created_at grows with the id, and a BRIN index costs next to nothing to keep
+CREATE INDEX IF NOT EXISTS messages_created_at ON pgpush.messages USING brin (created_at);
 
 -- The LISTEN name of a channel: itself, or for a name longer than an identifier,
 -- 'pgpush_' followed by the md5 of the whole name (the notification then names it).
@@ -50,14 +53,15 @@ LANGUAGE sql IMMUTABLE STRICT AS $$
 $$;
 
 -- Stores one message and notifies it, inside the caller's transaction: nothing is
--- delivered if it rolls back. Exactly one of text_payload and bin_payload is set.
-CREATE OR REPLACE FUNCTION pgpush.publish_message(
-    channel text, text_payload text, bin_payload bytea, event_id text, event_type text
-) RETURNS bigint LANGUAGE plpgsql AS $$
+-- delivered if it rolls back. Exactly one of text_payload and bin_payload is set. Gives
+-- the row id, and how many messages the channel has from the oldest the cleaner left.
+CREATE OR REPLACE FUNCTION pgpush.store_message(
+    channel text, text_payload text, bin_payload bytea, event_id text, event_type text,
+    OUT row_id bigint, OUT kept bigint
+) LANGUAGE plpgsql AS $$
 DECLARE
     now_s bigint := floor(extract(epoch FROM clock_timestamp()));
     c pgpush.channels;
-    row_id bigint;
     env jsonb;
     note text;
 BEGIN
@@ -91,8 +95,14 @@ BEGIN
         note := E'\x1bm' || (env || jsonb_build_object('f', true))::text;
     END IF;
     PERFORM pg_notify(pgpush.listen_name(channel), note);
-    RETURN row_id;
+    kept := c.last_offset - c.first_offset + 1;
 END
+$$;
+
+CREATE OR REPLACE FUNCTION pgpush.publish_message(
+    channel text, text_payload text, bin_payload bytea, event_id text, event_type text
+) RETURNS bigint LANGUAGE sql AS $$
+    SELECT row_id FROM pgpush.store_message(channel, text_payload, bin_payload, event_id, event_type)
 $$;
 
 CREATE OR REPLACE FUNCTION pgpush.publish(
@@ -118,16 +128,14 @@ RETURNS SETOF pgpush.messages LANGUAGE sql STABLE AS $$
     ORDER BY m."offset"
 $$;
 
--- How many messages a channel keeps (push-stream's stored_messages).
+-- How many messages a channel keeps (push-stream's stored_messages). Offsets have no
+-- holes, so it is the distance from the oldest kept one: exact for the count limit, and
+-- for the ttl as of the cleaner's last pass (at most a few seconds ago).
 CREATE OR REPLACE FUNCTION pgpush.stored(channel text, max_stored bigint, ttl interval)
 RETURNS bigint LANGUAGE sql STABLE AS $$
-    SELECT coalesce(
-        (SELECT c.last_offset - min(m."offset") + 1
-         FROM pgpush.channels c JOIN pgpush.messages m USING (channel, epoch)
-         WHERE c.channel = stored.channel
-           AND (max_stored IS NULL OR m."offset" > c.last_offset - max_stored)
-           AND m.created_at > clock_timestamp() - ttl
-         GROUP BY c.last_offset), 0)
+    SELECT coalesce((SELECT greatest(0, least(c.last_offset - c.first_offset + 1,
+                                              coalesce(max_stored, c.last_offset)))
+                     FROM pgpush.channels c WHERE c.channel = stored.channel), 0)
 $$;
 
 -- nginx's batch: publishes in order, and gives how many messages each channel keeps after
@@ -136,11 +144,12 @@ CREATE OR REPLACE FUNCTION pgpush.publish_batch(
     channels text[], texts text[], bins text[], event_ids text[], event_types text[],
     max_stored bigint, ttl interval
 ) RETURNS SETOF bigint LANGUAGE plpgsql AS $$
+DECLARE n bigint;
 BEGIN
     FOR k IN 1 .. coalesce(array_length(channels, 1), 0) LOOP
-        PERFORM pgpush.publish_message(channels[k], texts[k], decode(bins[k], 'base64'),
-                                       event_ids[k], event_types[k]);
-        RETURN NEXT pgpush.stored(channels[k], max_stored, ttl);
+        SELECT s.kept INTO n FROM pgpush.store_message(channels[k], texts[k],
+            decode(bins[k], 'base64'), event_ids[k], event_types[k]) s;
+        RETURN NEXT greatest(0, least(n, coalesce(max_stored, n)));
     END LOOP;
 END
 $$;
@@ -154,8 +163,16 @@ BEGIN
     IF NOT pg_try_advisory_xact_lock(7310151040527013618) THEN
         RETURN NULL;
     END IF;
-    DELETE FROM pgpush.messages WHERE created_at <= clock_timestamp() - ttl;
-    GET DIAGNOSTICS n = ROW_COUNT;
+    WITH gone AS (
+        DELETE FROM pgpush.messages WHERE created_at <= clock_timestamp() - ttl
+        RETURNING channel, epoch, "offset"
+    ), newest AS (
+        SELECT channel, epoch, max("offset") AS o, count(*) AS n FROM gone GROUP BY 1, 2
+    ), moved AS (
+        UPDATE pgpush.channels c SET first_offset = greatest(c.first_offset, newest.o + 1)
+        FROM newest WHERE c.channel = newest.channel AND c.epoch = newest.epoch
+    )
+    SELECT coalesce(sum(newest.n), 0) INTO n FROM newest;
     IF max_stored IS NOT NULL THEN
         DELETE FROM pgpush.messages m USING pgpush.channels c
         WHERE m.channel = c.channel AND (m.epoch <> c.epoch OR m."offset" <= c.last_offset - max_stored);
@@ -170,7 +187,7 @@ $$;
 CREATE OR REPLACE FUNCTION pgpush.reset(channel text) RETURNS void LANGUAGE sql AS $$
     DELETE FROM pgpush.messages WHERE messages.channel = reset.channel;
     UPDATE pgpush.channels SET epoch = greatest(epoch + 1, (extract(epoch FROM clock_timestamp()) * 1000)::bigint),
-        last_offset = 0, last_tag = 0
+        last_offset = 0, last_tag = 0, first_offset = 1
     WHERE channels.channel = reset.channel;
 $$;
 
