@@ -10,6 +10,7 @@ pub mod counters;
 pub mod hub;
 pub mod postgres;
 pub mod protocol;
+pub mod recent;
 
 // The nginx-facing layer links against nginx symbols that only exist inside an nginx
 // binary, so the unit-test harness (which is a plain executable) leaves it out.

@@ -31,7 +31,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(35);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(37);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -292,5 +292,24 @@ like(http("DELETE /pub?id=news HTTP/1.0\nHost: localhost\n\n"), qr/^HTTP\/1\.1 2
 like(http_get('/poll?id=news.b5'), qr/^HTTP\/1\.1 304/, 'a deleted channel has no history');
 pub('news', 'again');
 is(body(http_get('/poll?id=news.b5')), '1:again', 'and numbers its messages from 1 again');
+
+# a channel this worker delivers: resumes are answered from its recent messages
+my $hot = start_get('/sub?id=hot');
+sleep(0.5);
+pub('hot', "h$_", 'Event-Id' => "hot $_") for 1 .. 6;
+read_for($hot, 1, qr/hot:6:/);
+my @answers;
+for (1 .. 10) {
+	push @answers, body(http_get('/poll?id=hot.b3'));
+	push @answers, body(http("GET /poll?id=hot HTTP/1.0\nHost: localhost\nLast-Event-ID: hot 4\n\n"));
+}
+my %distinct = map { $_ => 1 } @answers;
+is(join(' | ', sort keys %distinct), '4:h45:h56:h6 | 5:h56:h6',
+	'resumes on a live channel: the same answers, whichever worker or source');
+$t->stop();
+my @cached = $t->read_file('error.log') =~ /store: (\d+) of \d+ resumes answered from the recent-message cache/g;
+my $hits = 0;
+$hits += $_ for @cached;
+cmp_ok($hits, '>=', 1, "the recent-message cache answered some ($hits)");
 
 ###############################################################################

@@ -36,6 +36,7 @@ use crate::postgres::cells::Reply;
 use crate::postgres::store::{self, Since};
 use crate::protocol::payload;
 use crate::protocol::template::Values;
+use crate::recent::{Keep, Recent};
 
 /// push-stream's special message ids go down from -1 (ping, channel deleted, long-poll
 /// timeout); this one tells that messages may have been missed.
@@ -203,6 +204,11 @@ struct Registry {
     positions: HashMap<String, (i64, i64)>,
     /// Channels catching up from the store, with the notifications held meanwhile.
     catching: HashMap<String, Vec<String>>,
+    /// The newest stored messages delivered, per listened channel.
+    recent: HashMap<String, Recent>,
+    /// Resumes answered from `recent`, and read from PostgreSQL.
+    cache_hits: u64,
+    cache_misses: u64,
 }
 
 thread_local! {
@@ -297,6 +303,7 @@ pub fn leave(key: SubKey) {
         for (channel, slot) in &channels {
             if let ListenChange::Unlisten(ch) = reg.hub.unsubscribe(channel, *slot, key) {
                 reg.positions.remove(&ch);
+                reg.recent.remove(&ch);
                 unlisten.push(ch);
             }
             if let Some(keys) = reg.waiting.get_mut(&**channel) {
@@ -434,7 +441,11 @@ fn read_history(key: SubKey) -> bool {
         .filter_map(|((c, _), s)| s.clone().map(|s| (c.to_string(), s)))
         .collect();
     let done: worker::HistoryDone = Box::new(move |result| history_read(key, result));
-    match worker::with(|w| w.history(asked, done)) {
+    let started = match cached(&asked) {
+        Some(lists) => worker::with(|w| w.answered(lists, done)),
+        None => worker::with(|w| w.history(asked, done)),
+    };
+    match started {
         Some(id) => {
             resume.reading = Some(id);
             sub.waiting = 1;
@@ -442,6 +453,45 @@ fn read_history(key: SubKey) -> bool {
         }
         None => false,
     }
+}
+
+/// The history of these channels from the recent-message cache, if it holds all of it:
+/// each channel must be listened and confirmed, not catching up, with a known position.
+pub fn cached(asked: &[(String, Since)]) -> Option<Vec<Vec<store::Stored>>> {
+    let (max_stored, ttl) = worker::with(|w| w.keep)?;
+    // SAFETY: nginx's cached time is always set
+    let now: i64 = unsafe { (*nginx_sys::ngx_cached_time).sec };
+    let keep = Keep { max_stored, oldest_second: now - ttl + 1 };
+    with(|reg| {
+        let mut lists = Vec::with_capacity(asked.len());
+        for (channel, since) in asked {
+            let answer = (!reg.waiting.contains_key(channel)
+                && !reg.catching.contains_key(channel))
+            .then(|| reg.positions.get(channel).copied())
+            .flatten()
+            .and_then(|position| reg.recent.get(channel)?.answer(since, position, keep));
+            match answer {
+                Some(list) => lists.push(list),
+                None => {
+                    reg.cache_misses += 1;
+                    return None;
+                }
+            }
+        }
+        reg.cache_hits += 1;
+        Some(lists)
+    })
+    .flatten()
+}
+
+/// Resumes answered from the recent-message cache, and those read from PostgreSQL.
+pub fn cache_stats() -> (u64, u64) {
+    with(|reg| (reg.cache_hits, reg.cache_misses)).unwrap_or_default()
+}
+
+/// Keeps a delivered stored message in its channel's recent-message cache.
+fn remember(channel: &str, m: store::Stored) {
+    with(|reg| reg.recent.entry(channel.to_string()).or_default().push(Rc::new(m)));
 }
 
 /// A subscriber's history arrived: it is answered (as when its LISTENs were confirmed),
@@ -655,6 +705,7 @@ fn caught_up(
                 if seen {
                     continue;
                 }
+                remember(channel, m.clone());
                 let time = http_time(m.second);
                 CURRENT.with(|cur| cur.set((m.second, m.tag.max(0) as u64)));
                 CURRENT_OFFSET.with(|o| o.set(m.offset));
@@ -725,6 +776,21 @@ pub fn deliver(channel: &str, payload: &str) {
     match meta.stored {
         // a stored message carries its channel's offset, time and tag
         Some(st) => {
+            remember(
+                channel,
+                store::Stored {
+                    epoch: st.epoch,
+                    offset: st.offset,
+                    second: st.second,
+                    tag: st.tag,
+                    message: match &message {
+                        payload::Message::Binary(b) => payload::Message::Binary(b.clone()),
+                        payload::Message::Text(t) => payload::Message::Text(t.to_vec().into()),
+                    },
+                    event_id: meta.event_id.clone(),
+                    event_type: meta.event_type.clone(),
+                },
+            );
             let time = http_time(st.second);
             CURRENT.with(|cur| cur.set((st.second, st.tag.max(0) as u64)));
             CURRENT_OFFSET.with(|o| o.set(st.offset));
@@ -785,6 +851,7 @@ fn deleted(channel: &str, id: &str, text: &[u8]) {
         with(|reg| {
             if let ListenChange::Unlisten(ch) = reg.hub.unsubscribe(channel, slot, key) {
                 reg.positions.remove(&ch);
+                reg.recent.remove(&ch);
                 unlisten = Some(ch);
             }
         });

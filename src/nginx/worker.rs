@@ -65,6 +65,9 @@ pub struct Worker {
     derived: HashMap<String, Vec<String>>,
     /// Messages are stored: after a reconnect, channels catch up from the store.
     pub store: bool,
+    /// What history keeps: `push_stream_max_messages_stored_per_channel` and
+    /// `push_stream_message_ttl` in seconds.
+    pub keep: (Option<i64>, i64),
 }
 
 thread_local! {
@@ -166,6 +169,10 @@ pub fn start(
 
     let prefix = mcf.channel_prefix().to_string();
     let store = mcf.store && side.is_some();
+    let keep = (
+        crate::nginx::conf::MainConf::limit(mcf.max_messages_stored_per_channel).map(|n| n as i64),
+        mcf.message_ttl.max(1),
+    );
     crate::nginx::zone::start(mcf, cycle.log, c.cast(), Some(destroyed));
     WORKER.with(|w| {
         *w.borrow_mut() = Some(Worker {
@@ -181,6 +188,7 @@ pub fn start(
             prefix,
             derived: HashMap::new(),
             store,
+            keep,
         });
     });
     Ok(())
@@ -364,6 +372,16 @@ impl Worker {
             Some(side) => side.send(Command::History { id: n, channels }),
             None => self.bridge.push(Event::History { id: n, result: Ok(Vec::new()) }),
         }
+        self.histories.insert(n, done);
+        n
+    }
+
+    /// A history answered here (from the recent-message cache), delivered like one from
+    /// PostgreSQL: from the event loop, never from inside the caller.
+    pub fn answered(&mut self, lists: Vec<Vec<Stored>>, done: HistoryDone) -> u64 {
+        let n = self.next_publish;
+        self.next_publish += 1;
+        self.bridge.push(Event::History { id: n, result: Ok(lists) });
         self.histories.insert(n, done);
         n
     }

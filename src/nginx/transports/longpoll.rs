@@ -127,7 +127,10 @@ pub fn poll(
         poller.reading = None;
         poller.polled(result, &asked_ids);
     });
-    let id = worker::with(|w| w.history(asked, done));
+    let id = match lifecycle::cached(&asked) {
+        Some(lists) => worker::with(|w| w.answered(lists, done)),
+        None => worker::with(|w| w.history(asked, done)),
+    };
     // SAFETY: raw is live until the request's cleanup
     unsafe { (*raw).reading = id };
     Ok(DONE)
