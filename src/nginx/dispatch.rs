@@ -89,16 +89,7 @@ fn handle(e: Event) {
 /// Graceful quit or reload: every subscriber and waiting publisher is answered and closed,
 /// then the side connection stops.
 fn shutdown() {
-    let (hits, misses) = lifecycle::cache_stats();
-    if hits + misses > 0 {
-        worker::with(|w| {
-            let msg = format!(
-                "store: {hits} of {} resumes answered from the recent-message cache",
-                hits + misses
-            );
-            worker::log(w.log, crate::postgres::Level::Notice, &msg)
-        });
-    }
+    lifecycle::log_cache_stats();
     lifecycle::shutdown();
     let pending = worker::with(|w| w.take_all_publishes()).unwrap_or_default();
     for (id, done) in pending {

@@ -484,9 +484,20 @@ pub fn cached(asked: &[(String, Since)]) -> Option<Vec<Vec<store::Stored>>> {
     .flatten()
 }
 
-/// Resumes answered from the recent-message cache, and those read from PostgreSQL.
-pub fn cache_stats() -> (u64, u64) {
-    with(|reg| (reg.cache_hits, reg.cache_misses)).unwrap_or_default()
+/// Logs how many resumes the recent-message cache answered (once: the worker is exiting).
+pub fn log_cache_stats() {
+    let (hits, misses) =
+        with(|reg| (std::mem::take(&mut reg.cache_hits), std::mem::take(&mut reg.cache_misses)))
+            .unwrap_or_default();
+    if hits + misses > 0 {
+        worker::with(|w| {
+            let msg = format!(
+                "store: {hits} of {} resumes answered from the recent-message cache",
+                hits + misses
+            );
+            worker::log(w.log, crate::postgres::Level::Notice, &msg)
+        });
+    }
 }
 
 /// Keeps a delivered stored message in its channel's recent-message cache.

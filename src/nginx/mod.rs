@@ -169,6 +169,7 @@ extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
 }
 
 extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
+    lifecycle::log_cache_stats();
     worker::stop();
 }
 
