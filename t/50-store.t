@@ -31,7 +31,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(37);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(40);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -204,6 +204,23 @@ If-None-Match: W/$etag
 
 EOR
 is(body($r), '5:e5', 'one newer message: that one');
+
+# a position older than every kept message, when older ones are gone: the gap message
+# first (id -4, event type gap), and X-Pgpush-Gap on a polling answer
+pub('trim', "t$_") for 1 .. 8;
+$r = http(<<EOR);
+GET /poll?id=trim HTTP/1.0
+Host: localhost
+If-Modified-Since: Thu, 01 Jan 1970 00:00:00 GMT
+
+EOR
+is(body($r), '-4:4:t45:t56:t67:t78:t8', 'a position before the deleted messages: the gap message, then what is kept');
+like($r, qr/^X-Pgpush-Gap: 1\r$/m, 'and X-Pgpush-Gap');
+unlike(http(<<EOR), qr/-4:|X-Pgpush-Gap/, 'a position inside what is kept: no gap');
+GET /poll?id=trim.b2 HTTP/1.0
+Host: localhost
+
+EOR
 
 # long-polling: the history answers at once; without one it waits for the next
 $r = read_for(start_get('/lp?id=news.b1'), 3);

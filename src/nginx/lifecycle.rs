@@ -539,7 +539,7 @@ fn history_read(key: SubKey, result: Result<Vec<Vec<store::Stored>>, String>) {
         let id = id_of(channel, prefix_len);
         for m in list {
             newest.insert(channel.clone(), m.offset);
-            let time = http_time(m.second);
+            let time = stored_time(&m);
             CURRENT.with(|cur| cur.set((m.second, m.tag.max(0) as u64)));
             let v = Values {
                 text: m.message.bytes(),
@@ -567,6 +567,15 @@ fn mark_dirty(key: SubKey) {
         sub.dirty = true;
         with(|reg| reg.dirty.push(key));
     }
+}
+
+/// A history message's `~time~`: its own, or now for the gap message.
+pub fn stored_time(m: &store::Stored) -> String {
+    if m.offset == store::GAP_OFFSET {
+        // SAFETY: nginx's cached time is always set
+        return http_time(unsafe { (*nginx_sys::ngx_cached_time).sec });
+    }
+    http_time(m.second)
 }
 
 /// An HTTP date (`~time~` of a stored message).

@@ -57,6 +57,22 @@ pub struct Stored {
     pub event_type: Option<String>,
 }
 
+/// push-stream's special id of the message that tells a subscriber it missed messages.
+pub const GAP_OFFSET: i64 = -4;
+
+/// The gap message in a history: the messages before it are gone.
+pub fn gap(epoch: i64) -> Stored {
+    Stored {
+        epoch,
+        offset: GAP_OFFSET,
+        second: 0,
+        tag: 0,
+        message: Message::Text(Vec::new().into()),
+        event_id: None,
+        event_type: Some("gap".into()),
+    }
+}
+
 /// The store's prepared statements on one connection.
 pub struct Statements {
     publish: Statement,
@@ -64,6 +80,7 @@ pub struct Statements {
     clean: Statement,
     positions: Statement,
     reset: Statement,
+    oldest: Statement,
 }
 
 /// The install script for `schema`: the shipped file with every `pgpush.` renamed.
@@ -117,7 +134,13 @@ impl Statements {
             ))
             .await?;
         let reset = client.prepare(&format!("SELECT {s}.reset($1::text)")).await?;
-        Ok(Self { publish, history, clean, positions, reset })
+        let oldest = client
+            .prepare(&format!(
+                "SELECT greatest(first_offset, last_offset - coalesce($2::bigint, last_offset) + 1) \
+                 FROM {s}.channels WHERE channel = $1::text"
+            ))
+            .await?;
+        Ok(Self { publish, history, clean, positions, reset, oldest })
     }
 
     /// Publishes through the store, in order; the number of messages each channel keeps
@@ -158,7 +181,9 @@ impl Statements {
         Ok(rows.iter().map(|r| r.get::<_, Option<i64>>(0).unwrap_or(0)).collect())
     }
 
-    /// A channel's kept messages after `since`, oldest first.
+    /// A channel's kept messages after `since`, oldest first. When a time and tag are
+    /// older than every kept message and older ones were deleted, the list starts with
+    /// [`gap`]: the client missed messages that are gone.
     pub async fn history(
         &self,
         client: &Client,
@@ -202,7 +227,7 @@ impl Statements {
                 ],
             )
             .await?;
-        Ok(rows
+        let mut list: Vec<Stored> = rows
             .iter()
             .map(|r| {
                 let message = match r.get::<_, Option<Vec<u8>>>(4) {
@@ -221,7 +246,17 @@ impl Statements {
                     event_type: r.get(6),
                 }
             })
-            .collect())
+            .collect();
+        if let (Since::Time { .. }, Some(first)) = (since, list.first()) {
+            let oldest: Option<i64> = client
+                .query_opt(&self.oldest, &[&channel, &cfg.max_stored])
+                .await?
+                .and_then(|r| r.get(0));
+            if first.offset > 1 && oldest == Some(first.offset) {
+                list.insert(0, gap(first.epoch));
+            }
+        }
+        Ok(list)
     }
 
     /// Where these channels stand now: (channel, epoch, last offset), for those the store

@@ -35,6 +35,8 @@ pub struct LongPoller {
     joined: bool,
     /// The history read in flight, for a polling request.
     reading: Option<u64>,
+    /// Its history starts with the gap message: `X-Pgpush-Gap: 1` too.
+    gap: bool,
 }
 
 /// A long-polling request: joins its channels and waits.
@@ -52,6 +54,7 @@ pub fn subscribe(
         done: false,
         joined: true,
         reading: None,
+        gap: false,
     });
     let raw = hold(r, poller)?;
     // SAFETY: raw is live until the cleanup, which leaves first
@@ -117,6 +120,7 @@ pub fn poll(
         done: false,
         joined: false,
         reading: None,
+        gap: false,
     });
     let raw = hold(r, poller)?;
     let asked_ids: Vec<String> =
@@ -204,7 +208,8 @@ impl LongPoller {
         };
         for (id, list) in ids.iter().zip(lists) {
             for m in list {
-                let time = lifecycle::http_time(m.second);
+                let time = lifecycle::stored_time(&m);
+                self.gap |= m.offset == crate::postgres::store::GAP_OFFSET;
                 let v = Values {
                     text: m.message.bytes(),
                     binary: m.message.is_binary(),
@@ -216,7 +221,9 @@ impl LongPoller {
                     event_type: m.event_type.as_deref().unwrap_or_default(),
                 };
                 self.answer.push(Rc::from(self.render(&v)));
-                self.stamp = (m.second, m.tag.max(0) as u64);
+                if m.offset > 0 {
+                    self.stamp = (m.second, m.tag.max(0) as u64);
+                }
             }
         }
         if self.answer.is_empty() {
@@ -280,6 +287,9 @@ impl LongPoller {
         let (sec, tag) = stamp.unwrap_or((nginx_sys::ngx_time() as i64, 0));
         r.headers_out.last_modified_time = sec as _;
         let etag = format!("W/{tag}");
+        if self.gap && http::header_out(r, "X-Pgpush-Gap", "1").is_err() {
+            return finalize(r, nginx_sys::NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t);
+        }
         let headers = [
             ("Etag", etag.as_str()),
             ("Expires", "Thu, 01 Jan 1970 00:00:01 GMT"),
