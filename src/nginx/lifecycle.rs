@@ -541,16 +541,7 @@ fn history_read(key: SubKey, result: Result<Vec<Vec<store::Stored>>, String>) {
             newest.insert(channel.clone(), m.offset);
             let time = stored_time(&m);
             CURRENT.with(|cur| cur.set((m.second, m.tag.max(0) as u64)));
-            let v = Values {
-                text: m.message.bytes(),
-                binary: m.message.is_binary(),
-                channel: id,
-                id: m.offset,
-                time: &time,
-                tag: m.tag.max(0) as u64,
-                event_id: m.event_id.as_deref().unwrap_or_default(),
-                event_type: m.event_type.as_deref().unwrap_or_default(),
-            };
+            let v = stored_values(&m, id, &time);
             fan_out(&[key], &v);
         }
     }
@@ -566,6 +557,20 @@ fn mark_dirty(key: SubKey) {
     if !sub.dirty {
         sub.dirty = true;
         with(|reg| reg.dirty.push(key));
+    }
+}
+
+/// A stored message as templates see it; `time` is [`stored_time`]'s.
+pub fn stored_values<'a>(m: &'a store::Stored, channel: &'a str, time: &'a str) -> Values<'a> {
+    Values {
+        text: m.message.bytes(),
+        binary: m.message.is_binary(),
+        channel,
+        id: m.offset,
+        time,
+        tag: m.tag.max(0) as u64,
+        event_id: m.event_id.as_deref().unwrap_or_default(),
+        event_type: m.event_type.as_deref().unwrap_or_default(),
     }
 }
 
@@ -729,16 +734,7 @@ fn caught_up(
                 let time = http_time(m.second);
                 CURRENT.with(|cur| cur.set((m.second, m.tag.max(0) as u64)));
                 CURRENT_OFFSET.with(|o| o.set(m.offset));
-                let v = Values {
-                    text: m.message.bytes(),
-                    binary: m.message.is_binary(),
-                    channel: id,
-                    id: m.offset,
-                    time: &time,
-                    tag: m.tag.max(0) as u64,
-                    event_id: m.event_id.as_deref().unwrap_or_default(),
-                    event_type: m.event_type.as_deref().unwrap_or_default(),
-                };
+                let v = stored_values(&m, id, &time);
                 fan_out(&keys, &v);
             }
         }

@@ -210,16 +210,7 @@ impl LongPoller {
             for m in list {
                 let time = lifecycle::stored_time(&m);
                 self.gap |= m.offset == crate::postgres::store::GAP_OFFSET;
-                let v = Values {
-                    text: m.message.bytes(),
-                    binary: m.message.is_binary(),
-                    channel: id,
-                    id: m.offset,
-                    time: &time,
-                    tag: m.tag.max(0) as u64,
-                    event_id: m.event_id.as_deref().unwrap_or_default(),
-                    event_type: m.event_type.as_deref().unwrap_or_default(),
-                };
+                let v = lifecycle::stored_values(&m, id, &time);
                 self.answer.push(Rc::from(self.render(&v)));
                 if m.offset > 0 {
                     self.stamp = (m.second, m.tag.max(0) as u64);
