@@ -93,6 +93,7 @@ impl Churn {
             since_ns: self.since_ns,
             leave: Some(rx),
             leave_mode: self.leave_mode,
+            long_poll: false,
         };
         slot.handle = Some(tokio::spawn(sub.serve(ws)));
         slot.leave = Some(tx);

@@ -9,6 +9,7 @@
 
 mod churn;
 mod eventsource;
+mod longpoll;
 mod procfs;
 mod publish;
 mod subscribe;
@@ -57,10 +58,15 @@ impl PublishVia {
 #[derive(Debug, Parser)]
 #[command(name = "pgpush-loadgen", version)]
 struct Args {
-    /// Subscriber URL: ws:// for WebSocket subscribers, http:// for EventSource ones;
-    /// {channel} is replaced by the subscriber's channel name.
+    /// Subscriber URL: ws:// for WebSocket subscribers, http:// for EventSource ones (or
+    /// long-polling ones with --long-poll); {channel} is replaced by the subscriber's
+    /// channel name.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws?id={channel}")]
     url: String,
+    /// http:// subscribers long-poll: one GET per answer, If-Modified-Since and
+    /// If-None-Match from the previous answer.
+    #[arg(long)]
+    long_poll: bool,
     /// Number of WebSocket subscribers; subscriber i listens on channel i % channels.
     #[arg(long, short = 'n', default_value_t = 100)]
     subscribers: usize,
@@ -344,6 +350,7 @@ async fn run(args: Args) -> ExitCode {
             since_ns: run_start_ns,
             leave: leave_rx,
             leave_mode: args.churn_leave,
+            long_poll: args.long_poll,
         };
         let handle = Some(tokio::spawn(sub.run()));
         subs.push(Slot { channel, url, handle, leave: leave_tx });

@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::eventsource;
+use crate::longpoll;
 use crate::util::{now_ns, parse_t};
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -113,12 +114,17 @@ pub struct Subscriber {
     /// sender does not count.
     pub leave: Option<oneshot::Receiver<()>>,
     pub leave_mode: LeaveMode,
+    /// An http:// URL is polled (long-polling) rather than read as an EventSource.
+    pub long_poll: bool,
 }
 
 impl Subscriber {
     /// Connects (under the concurrency limit) and then serves: the initial subscribers.
     pub async fn run(mut self) -> Outcome {
         let url = self.url.clone();
+        if url.starts_with("http://") && self.long_poll {
+            return self.run_longpoll(&url).await;
+        }
         if url.starts_with("http://") {
             return self.run_eventsource(&url).await;
         }
@@ -248,6 +254,51 @@ impl Subscriber {
                 }
                 None => {
                     out.error = Some("stream ended".into());
+                    shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// The same for a long-polling subscriber: each answer's messages, then the next poll.
+    async fn run_longpoll(mut self, url: &str) -> Outcome {
+        let mut lp = match self.admit(longpoll::connect(url, self.connect_timeout)).await {
+            Ok(lp) => lp,
+            Err(out) => return out,
+        };
+        let mut out = Outcome::default();
+        let shared = self.shared.clone();
+        let mut stop = self.stop.clone();
+        let stopped = stop.changed();
+        tokio::pin!(stopped);
+        let leave = self.leave.take();
+        let left = told_to_leave(leave);
+        tokio::pin!(left);
+        loop {
+            let answer = tokio::select! {
+                biased;
+                _ = &mut stopped => break,
+                _ = &mut left => {
+                    out.left = true;
+                    break;
+                }
+                a = lp.next_messages() => a,
+            };
+            match answer {
+                Some(Ok(messages)) => {
+                    for m in messages {
+                        self.record(&mut out, &m);
+                    }
+                }
+                Some(Err(e)) => {
+                    out.error = Some(e);
+                    shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                None => {
+                    out.error = Some("connection closed".into());
                     shared.dropped.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
