@@ -4,7 +4,9 @@
 # the next message on its channels and gets it as a 200 (header template, message,
 # footer template; JSONP with ?callback=), or a 304 with Etag W/0 at
 # push_stream_longpolling_connection_ttl; a waiting request that is dropped leaves its
-# channels.
+# channels. A waiting HTTP/1.x poll is parked (its request freed, the connection kept)
+# and its request replayed for the answer: add_header, the access log (one line, with
+# the whole wait as $request_time) and keep-alive behave as for any request.
 
 use warnings;
 use strict;
@@ -26,7 +28,7 @@ use PgPush::PG;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(18);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(30);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -45,10 +47,20 @@ http {
     %%TEST_GLOBALS_HTTP%%
 
     push_stream_postgres "$conninfo";
+    log_format polls '\$uri \$status \$request_time \$connection_requests';
 
     server {
         listen       127.0.0.1:8080;
         server_name  localhost;
+
+        location /lpk {
+            default_type text/plain;
+            push_stream_subscriber long-polling;
+            push_stream_channels_path \$arg_id;
+            push_stream_longpolling_connection_ttl 1s;
+            add_header X-Poll yes;
+            access_log %%TESTDIR%%/polls.log polls;
+        }
 
         location /lp {
             default_type text/plain;
@@ -140,6 +152,66 @@ $s = start_get('/lp?id=gone');
 sleep(0.3);
 close $s;
 ok($pg->wait_query(qr/UNLISTEN "gone"/, 1), 'a dropped request leaves its channel');
+
+# Parked polls on one keep-alive connection: answered by a message (add_header applies),
+# again with If-Modified-Since / If-None-Match from the answer, then at the ttl, then
+# once more; each is one request in the access log.
+
+sub read_response {
+	my ($s, $timeout) = @_;
+	my $buf = '';
+	my $end = time + ($timeout // 3);
+	while (time < $end) {
+		if ($buf =~ /\r\n\r\n/) {
+			my ($head, $body) = split /\r\n\r\n/, $buf, 2;
+			my ($len) = $head =~ /^Content-Length: (\d+)\r?$/mi;
+			return ($head, $body) if length($body) >= ($len // 0);
+		}
+		last unless IO::Select->new($s)->can_read($end - time);
+		my $n = $s->sysread($buf, 65536, length $buf);
+		last unless $n;
+	}
+	return split /\r\n\r\n/, $buf, 2;
+}
+
+my $k = IO::Socket::INET->new(Proto => 'tcp', PeerAddr => '127.0.0.1:' . port(8080))
+	or die "connect: $!\n";
+$k->syswrite("GET /lpk?id=kept HTTP/1.1\r\nHost: localhost\r\n\r\n");
+sleep(0.5);
+publish('kept', 'one');
+my ($head, $body) = read_response($k);
+like($head, qr/^HTTP\/1\.1 200 OK/, 'a parked poll is answered');
+is($body, 'one', 'with the message');
+like($head, qr/^X-Poll: yes\r?$/m, "the location's add_header applies to the answer");
+like($head, qr/^Connection: keep-alive\r?$/m, 'and the connection is kept alive');
+my ($lm) = $head =~ /^Last-Modified: (.*?)\r?$/m;
+my ($etag) = $head =~ /^Etag: (.*?)\r?$/m;
+
+$k->syswrite("GET /lpk?id=kept HTTP/1.1\r\nHost: localhost\r\n"
+	. "If-Modified-Since: $lm\r\nIf-None-Match: $etag\r\n\r\n");
+sleep(0.3);
+publish('kept', 'two');
+($head, $body) = read_response($k);
+is($body, 'two', 'the next poll on the same connection gets the next message');
+
+$k->syswrite("GET /lpk?id=kept HTTP/1.1\r\nHost: localhost\r\n\r\n");
+($head, $body) = read_response($k, 4);
+like($head, qr/^HTTP\/1\.1 304/, 'a parked poll times out with 304');
+like($head, qr/^X-Poll: yes\r?$/m, 'add_header on the 304 too');
+
+$k->syswrite("GET /lpk?id=kept HTTP/1.1\r\nHost: localhost\r\n\r\n");
+sleep(0.3);
+publish('kept', 'three');
+($head, $body) = read_response($k);
+is($body, 'three', 'and the connection serves one more poll');
+close $k;
+
+my @log = grep { m{^/lpk } } split /\n/, $t->read_file('polls.log');
+is(scalar @log, 4, 'one access log line per poll');
+my @f = map { [split / /] } @log;
+cmp_ok($f[0][2], '>=', 0.4, '$request_time spans the wait of a parked poll');
+is(join(',', map { $_->[1] } @f), '200,200,304,200', 'with its status');
+is(join(',', map { $_->[3] } @f), '1,2,3,4', 'and each poll counts once on its connection');
 
 # push_stream_timeout_with_body on: the timeout is a 200 with push-stream's message -3
 

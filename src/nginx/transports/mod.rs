@@ -4,6 +4,7 @@
 
 pub mod connection;
 pub mod longpoll;
+pub mod parked;
 pub mod polling;
 
 use nginx_sys::{ngx_http_request_t, ngx_int_t};
@@ -56,6 +57,11 @@ fn long_polling(r: &mut ngx_http_request_t, polling: bool) -> Result<ngx_int_t, 
     let rc = unsafe { nginx_sys::ngx_http_discard_request_body(r) };
     if rc != nginx_sys::NGX_OK as ngx_int_t {
         return Ok(rc);
+    }
+    if !polling {
+        if let Some(rc) = longpoll::replayed(r) {
+            return Ok(rc);
+        }
     }
     match connection::path_channels(r) {
         Ok(channels) if polling => longpoll::poll(r, channels),
