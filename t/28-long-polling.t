@@ -28,7 +28,7 @@ use PgPush::PG;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(30);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(32);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -147,11 +147,15 @@ Content-Length: 1
 x
 EOR
 
-# a dropped waiting request leaves its channel: the worker UNLISTENs
+# a dropped waiting request leaves its channel: the channel lingers, listened, for a
+# poll that comes back (2 to 4 s), then the worker UNLISTENs
 $s = start_get('/lp?id=gone');
 sleep(0.3);
 close $s;
-ok($pg->wait_query(qr/UNLISTEN "gone"/, 1), 'a dropped request leaves its channel');
+sleep(1);
+unlike(join('|', map { $_->[2] // '' } @{$pg->sessions()}), qr/UNLISTEN "gone"/,
+	'a dropped poll\'s channel lingers a moment');
+ok($pg->wait_query(qr/UNLISTEN "gone"/, 1), 'then nobody polls it: UNLISTEN');
 
 # Parked polls on one keep-alive connection: answered by a message (add_header applies),
 # again with If-Modified-Since / If-None-Match from the answer, then at the ttl, then
@@ -173,6 +177,11 @@ sub read_response {
 	}
 	return split /\r\n\r\n/, $buf, 2;
 }
+
+# every statement in PostgreSQL's log, to count the LISTENs
+$pg->do(q{ALTER SYSTEM SET log_statement = 'all'});
+$pg->do('SELECT pg_reload_conf()');
+sleep(0.3);
 
 my $k = IO::Socket::INET->new(Proto => 'tcp', PeerAddr => '127.0.0.1:' . port(8080))
 	or die "connect: $!\n";
@@ -205,7 +214,13 @@ publish('kept', 'three');
 ($head, $body) = read_response($k);
 is($body, 'three', 'and the connection serves one more poll');
 close $k;
+# the worker writes the log line just after the answer
+sleep(0.3);
 
+# the channel stayed listened between the polls: one LISTEN for all four
+my $pglog = do { local (@ARGV, $/) = ($pg->dir . '/postgres.log'); <> } // '';
+my $listens = () = $pglog =~ /statement: LISTEN "kept"/g;
+is($listens, 1, 'one LISTEN for the four polls: the channel lingers between them');
 my @log = grep { m{^/lpk } } split /\n/, $t->read_file('polls.log');
 is(scalar @log, 4, 'one access log line per poll');
 my @f = map { [split / /] } @log;

@@ -1,7 +1,10 @@
 //! The worker-local channel hub: which subscribers hold which PostgreSQL channel.
 //!
 //! It decides when the worker must LISTEN (first subscriber of a channel) and UNLISTEN
-//! (last one gone), so subscribers that churn never leave a stale LISTEN behind.
+//! (last one gone), so subscribers that churn never leave a stale LISTEN behind. A channel
+//! whose last subscriber was one that comes straight back (a long-poll, between two polls)
+//! lingers instead: it stays listened, with no subscriber, until two [`Hub::sweep`]s in a
+//! row find it empty.
 //!
 //! Each channel keeps its subscribers in a slab: joining returns a stable [`Slot`], and
 //! leaving with that slot is O(1) however many subscribers the channel has (10k leaves
@@ -37,6 +40,8 @@ struct Channel<K> {
     /// Messages received since the channel got its first subscriber: `~id~` and the
     /// publisher's `published_messages`.
     messages: u64,
+    /// Sweeps that found it lingering (no subscriber).
+    idle: u8,
 }
 
 impl<K> Default for Hub<K> {
@@ -52,29 +57,51 @@ impl<K: Copy + PartialEq> Hub<K> {
         if let Some((name, _)) = self.channels.get_key_value(channel) {
             let name = name.clone();
             let ch = self.channels.get_mut(channel).expect("just found");
+            ch.idle = 0;
             return (name, ch.subs.insert(key), ListenChange::None);
         }
         let name: Rc<str> = Rc::from(channel);
         // most channels have one subscriber per worker: no room for more until needed
         let mut subs = Slab::with_capacity(1);
         let slot = subs.insert(key);
-        self.channels.insert(name.clone(), Channel { subs, messages: 0 });
+        self.channels.insert(name.clone(), Channel { subs, messages: 0, idle: 0 });
         (name, slot, ListenChange::Listen(channel.to_string()))
     }
 
-    /// Removes the subscriber in `slot`; a slot that does not hold `key` is ignored.
-    pub fn unsubscribe(&mut self, channel: &str, slot: Slot, key: K) -> ListenChange {
+    /// Removes the subscriber in `slot`; a slot that does not hold `key` is ignored. With
+    /// `linger`, a channel left empty stays (see [`Hub::sweep`]).
+    pub fn unsubscribe(&mut self, channel: &str, slot: Slot, key: K, linger: bool) -> ListenChange {
         let Some(ch) = self.channels.get_mut(channel) else {
             return ListenChange::None;
         };
         if ch.subs.get(slot) == Some(&key) {
             ch.subs.remove(slot);
         }
-        if ch.subs.is_empty() {
+        if ch.subs.is_empty() && !linger {
             self.channels.remove(channel);
             return ListenChange::Unlisten(channel.to_string());
         }
         ListenChange::None
+    }
+
+    /// Drops the lingering channels that the previous sweep found empty too, and returns
+    /// them (to UNLISTEN); whether some still linger.
+    pub fn sweep(&mut self) -> (Vec<String>, bool) {
+        let mut gone = Vec::new();
+        let mut lingering = false;
+        self.channels.retain(|name, ch| {
+            if !ch.subs.is_empty() {
+                return true;
+            }
+            ch.idle += 1;
+            if ch.idle >= 2 {
+                gone.push(name.to_string());
+                return false;
+            }
+            lingering = true;
+            true
+        });
+        (gone, lingering)
     }
 
     /// The subscribers of a channel, copied (delivering may change the hub).
@@ -132,13 +159,31 @@ mod tests {
         assert_eq!(h.message("news"), Some((1, vec![1, 2])));
         assert_eq!(h.message("other"), None);
         assert_eq!(h.info("news"), (1, 2));
-        assert_eq!(h.unsubscribe("news", s1, 1), ListenChange::None);
+        assert_eq!(h.unsubscribe("news", s1, 1, false), ListenChange::None);
         // a stale slot (already left) changes nothing
-        assert_eq!(h.unsubscribe("news", s1, 1), ListenChange::None);
-        assert_eq!(h.unsubscribe("news", s2, 2), ListenChange::Unlisten("news".into()));
-        assert_eq!(h.unsubscribe("news", s2, 2), ListenChange::None);
+        assert_eq!(h.unsubscribe("news", s1, 1, false), ListenChange::None);
+        assert_eq!(h.unsubscribe("news", s2, 2, false), ListenChange::Unlisten("news".into()));
+        assert_eq!(h.unsubscribe("news", s2, 2, false), ListenChange::None);
         assert!(h.is_empty());
         assert_eq!(h.subscribers("news"), Vec::<i32>::new());
+    }
+
+    #[test]
+    fn a_lingering_channel_stays_listened_until_two_sweeps_find_it_empty() {
+        let mut h = Hub::default();
+        let (_, s1, _) = h.subscribe("poll", 1);
+        assert_eq!(h.unsubscribe("poll", s1, 1, true), ListenChange::None);
+        assert_eq!(h.message("poll"), Some((1, vec![])), "still listened, nobody to deliver to");
+        // back before the sweeps: no new LISTEN, and it is not idle any more
+        let (_, s2, c) = h.subscribe("poll", 2);
+        assert_eq!(c, ListenChange::None);
+        assert_eq!(h.sweep(), (vec![], false));
+        h.unsubscribe("poll", s2, 2, true);
+        assert_eq!(h.sweep(), (vec![], true), "one sweep: it lingers");
+        assert_eq!(h.sweep(), (vec!["poll".to_string()], false), "two: UNLISTEN");
+        assert!(h.is_empty());
+        let (_, _, c) = h.subscribe("poll", 3);
+        assert_eq!(c, ListenChange::Listen("poll".into()));
     }
 
     #[test]
@@ -146,10 +191,10 @@ mod tests {
         let mut h = Hub::default();
         let (_, s1, _) = h.subscribe("c", 1);
         let (_, _s2, _) = h.subscribe("c", 2);
-        h.unsubscribe("c", s1, 1);
+        h.unsubscribe("c", s1, 1, false);
         let (_, s3, _) = h.subscribe("c", 3);
         assert_eq!(s3, s1, "the slab reuses the freed slot");
-        assert_eq!(h.unsubscribe("c", s1, 1), ListenChange::None);
+        assert_eq!(h.unsubscribe("c", s1, 1, false), ListenChange::None);
         let mut subs = h.subscribers("c");
         subs.sort();
         assert_eq!(subs, vec![2, 3]);
@@ -160,7 +205,7 @@ mod tests {
         let mut h = Hub::default();
         let slots: Vec<(Slot, u32)> = (0..10_000).map(|k| (h.subscribe("big", k).1, k)).collect();
         for (slot, k) in slots.iter().rev().step_by(2).chain(slots.iter().step_by(2)) {
-            h.unsubscribe("big", *slot, *k);
+            h.unsubscribe("big", *slot, *k, false);
         }
         assert!(h.is_empty());
     }
@@ -186,7 +231,7 @@ mod tests {
                 change
             } else {
                 let (c, k, slot) = live.swap_remove((seed as usize >> 3) % live.len());
-                h.unsubscribe(&c, slot, k)
+                h.unsubscribe(&c, slot, k, false)
             };
             match change {
                 ListenChange::Listen(c) => assert!(listening.insert(c)),
@@ -199,7 +244,7 @@ mod tests {
             assert_eq!(h.all().count(), live.len());
         }
         for (c, k, slot) in live {
-            h.unsubscribe(&c, slot, k);
+            h.unsubscribe(&c, slot, k, false);
         }
         assert!(h.is_empty());
     }

@@ -72,6 +72,12 @@ pub trait Transport {
 
     /// Its last channel was deleted: end the response as at its ttl. May finalize.
     fn finish(&mut self);
+
+    /// Whether its client comes straight back when it leaves (a long-poll): its channels
+    /// then linger, listened, rather than being UNLISTENed at once.
+    fn lingers(&self) -> bool {
+        false
+    }
 }
 
 /// Identifies how a message is encoded: the transport kind and its location's template.
@@ -209,6 +215,53 @@ struct Registry {
     /// Resumes answered from `recent`, and read from PostgreSQL.
     cache_hits: u64,
     cache_misses: u64,
+    /// The timer that sweeps lingering channels, armed while some linger.
+    sweep: Option<&'static mut nginx_sys::ngx_event_t>,
+}
+
+/// How often lingering channels are swept: a channel left by its last long-poll is
+/// UNLISTENed 2 to 4 s later if no poll came back.
+const LINGER_SWEEP: nginx_sys::ngx_msec_t = 2000;
+
+/// Arms the lingering channels' sweep, if it is not armed.
+fn arm_sweep(reg: &mut Registry) {
+    if reg.sweep.is_none() {
+        // nginx's timer code reads an event's data as a connection
+        let Some(conn) = worker::with(|w| w.conn) else { return };
+        // SAFETY: an all-zero event is nginx's initial state; leaked, since a timer may
+        // still be in nginx's tree as the worker exits (it is cancelable)
+        let ev: &'static mut nginx_sys::ngx_event_t =
+            Box::leak(Box::new(unsafe { core::mem::zeroed() }));
+        ev.handler = Some(on_sweep);
+        ev.data = conn.cast();
+        // SAFETY: the running cycle's log (a worker's event loop logs through it)
+        ev.log = unsafe { (*nginx_sys::ngx_cycle).log };
+        ev.set_cancelable(1);
+        reg.sweep = Some(ev);
+    }
+    let Some(ev) = reg.sweep.as_mut() else { return };
+    if ev.timer_set() == 0 {
+        // SAFETY: our own event
+        unsafe { nginx_sys::ngx_add_timer(*ev, LINGER_SWEEP) };
+    }
+}
+
+extern "C" fn on_sweep(_ev: *mut nginx_sys::ngx_event_t) {
+    let unlisten = with(|reg| {
+        let (gone, lingering) = reg.hub.sweep();
+        for ch in &gone {
+            reg.positions.remove(ch);
+            reg.recent.remove(ch);
+        }
+        if lingering {
+            arm_sweep(reg);
+        }
+        gone
+    })
+    .unwrap_or_default();
+    if !unlisten.is_empty() {
+        worker::with(|w| unlisten.into_iter().for_each(|ch| w.unlisten(ch)));
+    }
 }
 
 thread_local! {
@@ -277,6 +330,8 @@ pub fn join(key: SubKey) -> usize {
 /// Leaves every channel; the transport is about to be freed.
 pub fn leave(key: SubKey) {
     // SAFETY: called by the transport's cleanup, before it is freed
+    let linger = unsafe { key.get() }.lingers();
+    // SAFETY: as above
     let sub = unsafe { key.get() }.subscription();
     let channels = std::mem::take(&mut sub.channels);
     if let Some(id) = sub.resume.take().and_then(|r| r.reading) {
@@ -301,7 +356,7 @@ pub fn leave(key: SubKey) {
     let unlisten = with(|reg| {
         let mut unlisten = Vec::new();
         for (channel, slot) in &channels {
-            if let ListenChange::Unlisten(ch) = reg.hub.unsubscribe(channel, *slot, key) {
+            if let ListenChange::Unlisten(ch) = reg.hub.unsubscribe(channel, *slot, key, linger) {
                 reg.positions.remove(&ch);
                 reg.recent.remove(&ch);
                 unlisten.push(ch);
@@ -309,6 +364,9 @@ pub fn leave(key: SubKey) {
             if let Some(keys) = reg.waiting.get_mut(&**channel) {
                 keys.retain(|k| *k != key);
             }
+        }
+        if linger && !channels.is_empty() {
+            arm_sweep(reg);
         }
         if sub.dirty {
             reg.dirty.retain(|k| *k != key);
@@ -846,6 +904,11 @@ pub fn deliver(channel: &str, payload: &str) {
 fn deleted(channel: &str, id: &str, text: &[u8]) {
     let keys = with(|reg| reg.hub.subscribers(channel)).unwrap_or_default();
     if keys.is_empty() {
+        // a lingering channel: what it remembers of its history is gone with the history
+        with(|reg| {
+            reg.positions.remove(channel);
+            reg.recent.remove(channel);
+        });
         return;
     }
     CURRENT.with(|cur| cur.set((0, 0)));
@@ -865,7 +928,7 @@ fn deleted(channel: &str, id: &str, text: &[u8]) {
         zone::leave(id.as_bytes());
         events::emit(Event::ClientUnsubscribed, id.as_bytes());
         with(|reg| {
-            if let ListenChange::Unlisten(ch) = reg.hub.unsubscribe(channel, slot, key) {
+            if let ListenChange::Unlisten(ch) = reg.hub.unsubscribe(channel, slot, key, false) {
                 reg.positions.remove(&ch);
                 reg.recent.remove(&ch);
                 unlisten = Some(ch);

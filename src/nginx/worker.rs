@@ -47,7 +47,8 @@ pub type HookReply = Box<dyn FnOnce(u64, Vec<Reply>)>;
 pub struct Worker {
     bridge: Arc<Bridge>,
     side: Option<SideConnection>,
-    conn: *mut ngx_connection_t,
+    /// The worker's socketless connection: the data of its own events.
+    pub conn: *mut ngx_connection_t,
     /// Gives freed memory back to the system a moment after a burst of connections or
     /// hook calls (see [`Worker::after_burst`]).
     trim: Box<ngx_event_t>,

@@ -587,4 +587,9 @@ impl Transport for LongPoller {
 
     /// The deleted message was its answer already.
     fn finish(&mut self) {}
+
+    /// A long-poll's client polls again right after its answer.
+    fn lingers(&self) -> bool {
+        true
+    }
 }

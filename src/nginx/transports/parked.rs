@@ -82,6 +82,7 @@ pub fn head(r: &ngx_http_request_t) -> Option<(Vec<u8>, usize)> {
             head.extend_from_slice(core::slice::from_raw_parts(b.pos, rest as usize));
         }
         let capacity = b.end.offset_from(b.start) as usize;
+        head.shrink_to_fit();
         (head.len() <= capacity).then_some((head, capacity))
     }
 }
