@@ -28,7 +28,7 @@ use PgPush::PG;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(32);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(33);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -227,6 +227,14 @@ my @f = map { [split / /] } @log;
 cmp_ok($f[0][2], '>=', 0.4, '$request_time spans the wait of a parked poll');
 is(join(',', map { $_->[1] } @f), '200,200,304,200', 'with its status');
 is(join(',', map { $_->[3] } @f), '1,2,3,4', 'and each poll counts once on its connection');
+
+# a reload ends the old worker's waiting polls with 304, parked or not (an exiting worker
+# may not come back to posted events: the replay runs at once)
+$s = start_get('/lp?id=reloading');
+sleep(0.3);
+$t->reload();
+$r = read_all($s, 4);
+like($r, qr/^HTTP\/1\.1 304/, 'a reload answers a parked poll 304');
 
 # push_stream_timeout_with_body on: the timeout is a 200 with push-stream's message -3
 
