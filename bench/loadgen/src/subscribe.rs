@@ -222,52 +222,23 @@ impl Subscriber {
     /// The same for an EventSource subscriber (churn is WebSocket only: told to leave, it
     /// drops its connection).
     async fn run_eventsource(mut self, url: &str) -> Outcome {
-        let es = match self.admit(eventsource::connect(url, self.connect_timeout)).await {
-            Ok(es) => es,
-            Err(out) => return out,
-        };
-        let mut out = Outcome::default();
-        let shared = self.shared.clone();
-        let mut es = es;
-        let mut stop = self.stop.clone();
-        let stopped = stop.changed();
-        tokio::pin!(stopped);
-        let leave = self.leave.take();
-        let left = told_to_leave(leave);
-        tokio::pin!(left);
-        loop {
-            let event = tokio::select! {
-                biased;
-                _ = &mut stopped => break,
-                _ = &mut left => {
-                    out.left = true;
-                    break;
-                }
-                e = es.next_event() => e,
-            };
-            match event {
-                Some(Ok(data)) => self.record(&mut out, &data),
-                Some(Err(e)) => {
-                    out.error = Some(e);
-                    shared.dropped.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-                None => {
-                    out.error = Some("stream ended".into());
-                    shared.dropped.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-            }
+        match self.admit(eventsource::connect(url, self.connect_timeout)).await {
+            Ok(es) => self.serve_http(es, "stream ended").await,
+            Err(out) => out,
         }
-        out
     }
 
     /// The same for a long-polling subscriber: each answer's messages, then the next poll.
     async fn run_longpoll(mut self, url: &str) -> Outcome {
-        let mut lp = match self.admit(longpoll::connect(url, self.connect_timeout)).await {
-            Ok(lp) => lp,
-            Err(out) => return out,
-        };
+        match self.admit(longpoll::connect(url, self.connect_timeout)).await {
+            Ok(lp) => self.serve_http(lp, "connection closed").await,
+            Err(out) => out,
+        }
+    }
+
+    /// Reads an HTTP subscriber's messages until told to stop or to leave, or until its
+    /// connection ends (`ended` says so).
+    async fn serve_http(mut self, mut stream: impl HttpMessages, ended: &str) -> Outcome {
         let mut out = Outcome::default();
         let shared = self.shared.clone();
         let mut stop = self.stop.clone();
@@ -277,28 +248,24 @@ impl Subscriber {
         let left = told_to_leave(leave);
         tokio::pin!(left);
         loop {
-            let answer = tokio::select! {
+            let next = tokio::select! {
                 biased;
                 _ = &mut stopped => break,
                 _ = &mut left => {
                     out.left = true;
                     break;
                 }
-                a = lp.next_messages() => a,
+                n = stream.next_messages() => n,
             };
-            match answer {
-                Some(Ok(messages)) => {
-                    for m in messages {
-                        self.record(&mut out, &m);
-                    }
-                }
+            match next {
+                Some(Ok(messages)) => messages.iter().for_each(|m| self.record(&mut out, m)),
                 Some(Err(e)) => {
                     out.error = Some(e);
                     shared.dropped.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
                 None => {
-                    out.error = Some("connection closed".into());
+                    out.error = Some(ended.into());
                     shared.dropped.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
@@ -326,6 +293,23 @@ impl Subscriber {
         }
         self.shared.received.fetch_add(1, Ordering::Relaxed);
         self.shared.last_recv_ns.fetch_max(now, Ordering::Relaxed);
+    }
+}
+
+/// An HTTP subscriber's messages as they come: `None` once its connection has ended.
+trait HttpMessages {
+    async fn next_messages(&mut self) -> Option<Result<Vec<Vec<u8>>, String>>;
+}
+
+impl HttpMessages for eventsource::EventStream {
+    async fn next_messages(&mut self) -> Option<Result<Vec<Vec<u8>>, String>> {
+        Some(self.next_event().await?.map(|data| vec![data]))
+    }
+}
+
+impl HttpMessages for longpoll::LongPoll {
+    async fn next_messages(&mut self) -> Option<Result<Vec<Vec<u8>>, String>> {
+        longpoll::LongPoll::next_messages(self).await
     }
 }
 
