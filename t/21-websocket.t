@@ -127,8 +127,8 @@ Sec-WebSocket-Version: 8
 EOR
 my $head = read_until($sock, "\r\n\r\n");
 is($head, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\n"
-	. "Sec-WebSocket-Accept: RaIOIcQ6CBoc74B9EKdH0avYZnw=\r\n"
-	. "Expires: Thu, 01 Jan 1970 00:00:01 GMT\r\nCache-Control: no-cache, no-store, must-revalidate\r\n\r\n",
+	. "Expires: Thu, 01 Jan 1970 00:00:01 GMT\r\nCache-Control: no-cache, no-store, must-revalidate\r\n"
+	. "Sec-WebSocket-Accept: RaIOIcQ6CBoc74B9EKdH0avYZnw=\r\n\r\n",
 	'the 101 as push-stream sends it, not cached');
 publish('raw', 'Hello');
 is(read_until($sock, 'Hello'), "\x81\x05Hello", 'a message as push-stream frames it');

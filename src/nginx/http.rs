@@ -42,6 +42,23 @@ pub fn header_in<'a>(r: &'a ngx_http_request_t, name: &str) -> Option<&'a [u8]> 
     None
 }
 
+/// A query argument, unescaped.
+pub fn arg(r: &ngx_http_request_t, name: &[u8]) -> Option<Vec<u8>> {
+    let args = r.args.as_bytes();
+    args.split(|&b| b == b'&').find_map(|kv| {
+        let (k, v) = kv.split_at(kv.iter().position(|&b| b == b'=')?);
+        (k == name && v.len() > 1).then(|| crate::protocol::channels::unescape(&v[1..]))
+    })
+}
+
+/// Sets the response's content type to JSONP's.
+pub fn set_javascript(r: &mut ngx_http_request_t) {
+    const JS: &str = "application/javascript";
+    r.headers_out.content_type =
+        nginx_sys::ngx_str_t { len: JS.len(), data: JS.as_ptr().cast_mut() };
+    r.headers_out.content_type_len = JS.len();
+}
+
 /// Adds a response header (allocated from the request pool).
 pub fn header_out(r: &mut ngx_http_request_t, name: &str, value: &str) -> Result<(), ()> {
     // SAFETY: headers_out.headers is the request's list; the pool outlives it

@@ -111,7 +111,9 @@ pub fn eventsource_message(template: Option<&Template>, v: &Values<'_>) -> Vec<u
     out
 }
 
-/// A rendered line as `data: ` lines (a template may itself hold line breaks).
+/// A rendered line as `data: ` lines (a template may itself hold line breaks). As
+/// push-stream, only LF splits it: a template's `\r\n` ends its data line with a CR,
+/// which an EventSource client reads as the same line end.
 fn data_lines(rendered: &[u8], out: &mut Vec<u8>) {
     if rendered.starts_with(b"data: ") {
         out.extend_from_slice(rendered);
@@ -121,7 +123,7 @@ fn data_lines(rendered: &[u8], out: &mut Vec<u8>) {
         return;
     }
     let mut n = 0;
-    for l in lines(rendered) {
+    for l in rendered.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
         out.extend_from_slice(b"data: ");
         out.extend_from_slice(l);
         out.push(b'\n');
@@ -186,6 +188,10 @@ mod tests {
             eventsource_message(Some(&t), &v),
             b"data: {\"id\":\"1\", \"message\":\"test message\"}\n\n"
         );
+        // a template's CRLF stays at the end of its data line, as push-stream writes it
+        let t = Template::parse(b"~text~\r\n");
+        let v = Values { text: b"msg 3", ..Values::default() };
+        assert_eq!(eventsource_message(Some(&t), &v), b"data: msg 3\r\n\n");
         let empty = Values { event_type: "gap", ..Values::default() };
         assert_eq!(eventsource_message(None, &empty), b"event: gap\ndata: \n\n");
     }

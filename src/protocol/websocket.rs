@@ -107,11 +107,14 @@ pub fn encode_close(code: u16, reason: &str, out: &mut Vec<u8>) {
 pub fn response_head(accept: &str, explain: Option<&str>) -> Vec<u8> {
     let mut h = Vec::with_capacity(256);
     h.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\n");
-    h.extend_from_slice(b"Connection: Upgrade\r\nSec-WebSocket-Accept: ");
-    h.extend_from_slice(accept.as_bytes());
-    h.extend_from_slice(b"\r\n");
+    h.extend_from_slice(b"Connection: Upgrade\r\n");
+    // the no-cache headers before the accept key: push-stream's specs read them with
+    // their line end
     h.extend_from_slice(b"Expires: Thu, 01 Jan 1970 00:00:01 GMT\r\n");
     h.extend_from_slice(b"Cache-Control: no-cache, no-store, must-revalidate\r\n");
+    h.extend_from_slice(b"Sec-WebSocket-Accept: ");
+    h.extend_from_slice(accept.as_bytes());
+    h.extend_from_slice(b"\r\n");
     if let Some(e) = explain {
         h.extend_from_slice(b"X-Nginx-PushStream-Explain: ");
         h.extend_from_slice(e.as_bytes());
@@ -189,9 +192,9 @@ mod tests {
         assert_eq!(
             h,
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\
               Expires: Thu, 01 Jan 1970 00:00:01 GMT\r\n\
-              Cache-Control: no-cache, no-store, must-revalidate\r\n\r\n"
+              Cache-Control: no-cache, no-store, must-revalidate\r\n\
+              Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
         );
         let h = String::from_utf8(response_head("k", Some("No channel id provided."))).unwrap();
         assert!(h.ends_with("X-Nginx-PushStream-Explain: No channel id provided.\r\n\r\n"));

@@ -487,7 +487,7 @@ fn answer_request(r: &mut ngx_http_request_t, lcf: &LocConf, answer: Answer) -> 
     let Answer { status, messages, stamp, gap } = answer;
     let mut body = Vec::new();
     if status != 304 {
-        let callback = arg(r, b"callback");
+        let callback = http::arg(r, b"callback");
         body.extend_from_slice(lcf.header_template.as_bytes());
         match &callback {
             Some(cb) => {
@@ -505,10 +505,7 @@ fn answer_request(r: &mut ngx_http_request_t, lcf: &LocConf, answer: Answer) -> 
         }
         body.extend_from_slice(lcf.footer_template.as_bytes());
         if callback.is_some() {
-            const JS: &str = "application/javascript";
-            r.headers_out.content_type =
-                nginx_sys::ngx_str_t { len: JS.len(), data: JS.as_ptr().cast_mut() };
-            r.headers_out.content_type_len = JS.len();
+            http::set_javascript(r);
         }
     }
     if r.headers_out.content_type.len == 0 {
@@ -536,15 +533,6 @@ fn answer_request(r: &mut ngx_http_request_t, lcf: &LocConf, answer: Answer) -> 
     } else {
         http::send_typed_body(r, status, &body)
     }
-}
-
-/// A query argument, unescaped.
-fn arg(r: &ngx_http_request_t, name: &[u8]) -> Option<Vec<u8>> {
-    let args = r.args.as_bytes();
-    args.split(|&b| b == b'&').find_map(|kv| {
-        let (k, v) = kv.split_at(kv.iter().position(|&b| b == b'=')?);
-        (k == name && v.len() > 1).then(|| crate::protocol::channels::unescape(&v[1..]))
-    })
 }
 
 impl Transport for LongPoller {

@@ -40,7 +40,13 @@ pub fn not_modified(r: &mut ngx_http_request_t) -> ngx_int_t {
     if http::no_cache(r).is_err() {
         return http::ERROR;
     }
-    // SAFETY: the request is alive; the content type of the location, as push-stream sends
-    unsafe { nginx_sys::ngx_http_set_content_type(r) };
+    if http::arg(r, b"callback").is_some() {
+        // JSONP, even with nothing to send, as push-stream
+        http::set_javascript(r);
+    } else {
+        // SAFETY: the request is alive; the content type of the location, as push-stream
+        // sends
+        unsafe { nginx_sys::ngx_http_set_content_type(r) };
+    }
     http::send_header_only(r, 304)
 }
