@@ -28,7 +28,7 @@ use PgPush::PG;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(33);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(35);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -52,6 +52,14 @@ http {
     server {
         listen       127.0.0.1:8080;
         server_name  localhost;
+
+        location /lpz {
+            default_type text/plain;
+            push_stream_subscriber long-polling;
+            push_stream_channels_path \$arg_id;
+            gzip on;
+            gzip_types text/plain;
+        }
 
         location /lpk {
             default_type text/plain;
@@ -168,8 +176,22 @@ sub read_response {
 	while (time < $end) {
 		if ($buf =~ /\r\n\r\n/) {
 			my ($head, $body) = split /\r\n\r\n/, $buf, 2;
-			my ($len) = $head =~ /^Content-Length: (\d+)\r?$/mi;
-			return ($head, $body) if length($body) >= ($len // 0);
+			if ($head =~ /^Transfer-Encoding: chunked\r?$/mi) {
+				# push-stream's pollers get chunked answers
+				if ($body =~ /(?:^|\r\n)0\r\n\r\n\z/) {
+					my $data = '';
+					while ($body =~ s/^([0-9a-f]+)\r\n//i) {
+						my $n = hex $1;
+						last if $n == 0;
+						$data .= substr($body, 0, $n, '');
+						$body =~ s/^\r\n//;
+					}
+					return ($head, $data);
+				}
+			} else {
+				my ($len) = $head =~ /^Content-Length: (\d+)\r?$/mi;
+				return ($head, $body) if length($body) >= ($len // 0);
+			}
 		}
 		last unless IO::Select->new($s)->can_read($end - time);
 		my $n = $s->sysread($buf, 65536, length $buf);
@@ -193,6 +215,7 @@ like($head, qr/^HTTP\/1\.1 200 OK/, 'a parked poll is answered');
 is($body, 'one', 'with the message');
 like($head, qr/^X-Poll: yes\r?$/m, "the location's add_header applies to the answer");
 like($head, qr/^Connection: keep-alive\r?$/m, 'and the connection is kept alive');
+like($head, qr/^Transfer-Encoding: chunked\r?$/m, 'chunked, as push-stream answers');
 my ($lm) = $head =~ /^Last-Modified: (.*?)\r?$/m;
 my ($etag) = $head =~ /^Etag: (.*?)\r?$/m;
 
@@ -216,6 +239,16 @@ is($body, 'three', 'and the connection serves one more poll');
 close $k;
 # the worker writes the log line just after the answer
 sleep(0.3);
+
+# gzip applies to an answer of any size: it has no Content-Length
+my $z = IO::Socket::INET->new(Proto => 'tcp', PeerAddr => '127.0.0.1:' . port(8080))
+	or die "connect: $!\n";
+$z->syswrite("GET /lpz?id=zipped HTTP/1.1\r\nHost: localhost\r\nAccept-Encoding: gzip\r\n\r\n");
+sleep(0.3);
+publish('zipped', 'hi');
+($head, $body) = read_response($z);
+like($head, qr/^Content-Encoding: gzip\r?$/m, 'a short answer is gzipped, as push-stream\'s');
+close $z;
 
 # the channel stayed listened between the polls: one LISTEN for all four
 my $pglog = do { local (@ARGV, $/) = ($pg->dir . '/postgres.log'); <> } // '';

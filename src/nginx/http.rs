@@ -192,8 +192,14 @@ pub fn send_body(
 
 /// Like [`send_body`], with the content type already set on the request.
 pub fn send_typed_body(r: &mut ngx_http_request_t, status: u32, body: &[u8]) -> ngx_int_t {
-    r.headers_out.status = status as _;
     r.headers_out.content_length_n = body.len() as _;
+    send_unsized_body(r, status, body)
+}
+
+/// The same without a `Content-Length`: chunked for HTTP/1.1 (and so open to gzip
+/// whatever its size), as push-stream answers its pollers.
+pub fn send_unsized_body(r: &mut ngx_http_request_t, status: u32, body: &[u8]) -> ngx_int_t {
+    r.headers_out.status = status as _;
     // SAFETY: a request being answered for the first time
     let rc = unsafe { nginx_sys::ngx_http_send_header(r) };
     if rc == ERROR || rc > OK || r.header_only() != 0 {

@@ -531,7 +531,7 @@ fn answer_request(r: &mut ngx_http_request_t, lcf: &LocConf, answer: Answer) -> 
     if status == 304 {
         http::send_header_only(r, 304)
     } else {
-        http::send_typed_body(r, status, &body)
+        http::send_unsized_body(r, status, &body)
     }
 }
 
