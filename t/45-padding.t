@@ -26,7 +26,7 @@ use PgPush::PG;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(10);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(11);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -70,6 +70,14 @@ http {
             push_stream_channels_path \$arg_id;
             push_stream_padding_by_user_agent "[T|t]est 1,1024,508";
             push_stream_user_agent \$http_x_ua;
+            push_stream_subscriber_connection_ttl 1s;
+        }
+
+        location /evu {
+            push_stream_subscriber eventsource;
+            push_stream_channels_path \$arg_id;
+            push_stream_padding_by_user_agent "[T|t]est 1,1024,508";
+            push_stream_user_agent \$arg_ua;
             push_stream_subscriber_connection_ttl 1s;
         }
 
@@ -122,4 +130,6 @@ my $e = body_of('/ev?id=e', 'anything', sub {
 like($e, qr/^: \n:{1023}\n/, "EventSource: the header padded to the location's largest size, 1024 (a comment of colons)");
 like($e, qr/data: x{10}\n\n:{499}\n/, "and an 18-byte event to 518");
 is(length body_of('/ev?id=e', 'Test 1'), 3, 'push_stream_user_agent decides, not the header');
+is(length body_of('/evu?id=e&ua=test%201', 'none'), 3 + 1024,
+	'push_stream_user_agent is unescaped, as push-stream does ($arg_ua=test%201)');
 unlike($t->read_file('error.log'), qr/has no effect/, 'the padding directives have their effect');

@@ -245,7 +245,8 @@ fn padding_rule(r: &mut ngx_http_request_t) -> u8 {
     let agent = if lcf.user_agent.is_null() {
         http::header_in(r, "User-Agent").map(<[u8]>::to_vec)
     } else {
-        http::complex_value(r, lcf.user_agent)
+        // push-stream unescapes its complex values (`$arg_ua=test%201`)
+        http::complex_value(r, lcf.user_agent).map(|v| channels::unescape(&v))
     };
     let Some(mut agent) = agent.filter(|a| !a.is_empty()) else { return 0 };
     let mut s = nginx_sys::ngx_str_t { len: agent.len(), data: agent.as_mut_ptr() };
