@@ -487,7 +487,14 @@ fn set_header_template_file(cf: &mut ngx_conf_t, field: *mut c_void) -> Result<(
     // SAFETY: the field is an ngx_str_t, shared with push_stream_header_template
     let slot = unsafe { &mut *field.cast::<ngx_str_t>() };
     if !slot.data.is_null() {
-        return Err(ConfError::Duplicate);
+        // push-stream's words
+        ngx_conf_log_error!(
+            NGX_LOG_EMERG,
+            cf,
+            "\"push_stream_header_template_file\" directive is duplicate or template set by \
+             'push_stream_header_template'"
+        );
+        return Err(ConfError::Logged);
     }
     let mut name = args(cf)[1];
     // SAFETY: resolves relative to the configuration prefix, allocating from cf->pool
@@ -495,7 +502,20 @@ fn set_header_template_file(cf: &mut ngx_conf_t, field: *mut c_void) -> Result<(
         return Err(ConfError::Logged);
     }
     let path = name.to_string();
-    let content = std::fs::read(&path).map_err(|e| ConfError::invalid(path.as_bytes(), e))?;
+    let content = match std::fs::read(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            // push-stream's words, then why
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "push stream module: unable to open file \"{}\" for header template ({})",
+                path,
+                e
+            );
+            return Err(ConfError::Logged);
+        }
+    };
     let pool = cf.pool;
     // SAFETY: cf->pool outlives the configuration
     let data = unsafe { nginx_sys::ngx_pnalloc(pool, content.len().max(1)) }.cast::<u8>();
