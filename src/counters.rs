@@ -492,12 +492,16 @@ impl Counters {
     }
 
     /// A subscriber of `worker` joined the channel (created if needed).
+    /// A subscriber of `worker` joined the channel; `connection`: it is the first
+    /// channel of its subscription, which counts it in its worker's subscribers (a
+    /// connection, as push-stream counts them, however many channels it has).
     pub fn join(
         &mut self,
         id: &[u8],
         wildcard: bool,
         worker: u16,
         now: u64,
+        connection: bool,
     ) -> Result<bool, Refusal> {
         let (i, created) = self.get_or_create(id, wildcard, now, &Limits::default())?;
         let ch = self.channel(i);
@@ -530,12 +534,14 @@ impl Counters {
                 s = share.next;
             }
         }
-        self.worker_add(worker, 1);
+        if connection {
+            self.worker_add(worker, 1);
+        }
         Ok(created)
     }
 
-    /// A subscriber of `worker` left the channel.
-    pub fn leave(&mut self, id: &[u8], worker: u16, now: u64) {
+    /// A subscriber of `worker` left the channel; `connection`: its last one.
+    pub fn leave(&mut self, id: &[u8], worker: u16, now: u64, connection: bool) {
         let Some((i, _)) = self.find(id) else { return };
         let ch = self.channel(i);
         ch.last_active = now as u32;
@@ -555,7 +561,7 @@ impl Counters {
                 s = share.next;
             }
         }
-        if left {
+        if left && connection {
             self.worker_add(worker, -1);
         }
     }
@@ -818,24 +824,24 @@ mod tests {
         let (_m, mut c) = region(64 * 1024);
         let w = c.claim_worker(10, 1000, |_| true).unwrap();
         let w2 = c.claim_worker(11, 1000, |_| true).unwrap();
-        c.join(b"news", false, w, 1000).unwrap();
-        c.join(b"news", false, w2, 1000).unwrap();
-        c.join(b"news", false, w2, 1000).unwrap();
+        c.join(b"news", false, w, 1000, true).unwrap();
+        c.join(b"news", false, w2, 1000, true).unwrap();
+        c.join(b"news", false, w2, 1000, true).unwrap();
         c.published(b"news", false, 1000, true);
         let i = c.info(b"news").unwrap();
         assert_eq!((i.published, i.subscribers), (1, 3));
         let s = c.summary();
         assert_eq!((s.channels, s.subscribers, s.published), (1, 3, 1));
-        c.leave(b"news", w2, 1001);
-        c.leave(b"news", w2, 1001);
-        c.leave(b"news", w2, 1001); // one too many: ignored
+        c.leave(b"news", w2, 1001, true);
+        c.leave(b"news", w2, 1001, true);
+        c.leave(b"news", w2, 1001, true); // one too many: ignored
         assert_eq!(c.info(b"news").unwrap().subscribers, 1);
         assert_eq!(c.summary().subscribers, 1);
         assert!(c.collect(2000, 30).is_empty(), "a channel with a subscriber stays");
         assert!(c.sweep_due(2000, 4));
         assert!(!c.sweep_due(2003, 4), "another worker swept a moment ago");
         assert!(c.sweep_due(2004, 4));
-        c.leave(b"news", w, 1001);
+        c.leave(b"news", w, 1001, true);
         assert!(c.collect(1010, 30).is_empty(), "not inactive yet");
         c.pin(b"events", 1000);
         c.published(b"events", false, 1000, false);
@@ -880,8 +886,8 @@ mod tests {
             c.check_join(&[(b"a", false), (b"b", false), (b"c", false)], &lim),
             Err((2, Refusal::TooManyChannels))
         );
-        c.join(b"a", false, w, 0).unwrap();
-        c.join(b"a", false, w, 0).unwrap();
+        c.join(b"a", false, w, 0, true).unwrap();
+        c.join(b"a", false, w, 0, true).unwrap();
         assert_eq!(
             c.check_join(&[(b"b", false), (b"a", false)], &lim),
             Err((1, Refusal::TooManySubscribers))
@@ -907,9 +913,9 @@ mod tests {
         let b = c.claim_worker(200, 0, |_| true).unwrap();
         for k in 0..50 {
             let id = format!("c{k}");
-            c.join(id.as_bytes(), false, a, 0).unwrap();
-            c.join(id.as_bytes(), false, b, 0).unwrap();
-            c.join(id.as_bytes(), false, b, 0).unwrap();
+            c.join(id.as_bytes(), false, a, 0, true).unwrap();
+            c.join(id.as_bytes(), false, b, 0, true).unwrap();
+            c.join(id.as_bytes(), false, b, 0, true).unwrap();
         }
         assert_eq!(c.summary().subscribers, 150);
         // 200 was killed: its replacement reclaims its slot and counts
@@ -917,7 +923,7 @@ mod tests {
         assert_eq!(b2, b);
         assert_eq!(c.summary().subscribers, 50);
         assert_eq!(c.info(b"c7").unwrap().subscribers, 1);
-        c.join(b"c7", false, b2, 0).unwrap();
+        c.join(b"c7", false, b2, 0, true).unwrap();
         assert_eq!(c.info(b"c7").unwrap().subscribers, 2);
         c.release_worker(a);
         assert_eq!(c.info(b"c7").unwrap().subscribers, 1);
@@ -928,7 +934,7 @@ mod tests {
     fn delete_then_recreate() {
         let (_m, mut c) = region(64 * 1024);
         let w = c.claim_worker(1, 0, |_| true).unwrap();
-        c.join(b"x", false, w, 0).unwrap();
+        c.join(b"x", false, w, 0, true).unwrap();
         assert!(!c.published(b"x", false, 0, true), "the subscriber created it");
         assert!(c.delete(b"x"));
         assert!(!c.delete(b"x"));
@@ -939,7 +945,7 @@ mod tests {
         assert_eq!(c.info(b"x").unwrap().published, 1);
         assert_eq!(c.summary().channels_in_delete, 0);
         assert_eq!(c.info(b"x").unwrap().subscribers, 1, "still leaving");
-        c.leave(b"x", w, 0);
+        c.leave(b"x", w, 0, true);
         assert_eq!(c.info(b"x").unwrap().subscribers, 0);
         assert_eq!(c.summary().subscribers, 0);
     }

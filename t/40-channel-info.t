@@ -28,7 +28,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(54);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(57);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -213,6 +213,25 @@ is(decode_json(body(get('/stats?id=cnt.b5')))->{channel}, 'cnt', 'a .bN backtrac
 like(get('/stats?id=missing'), qr/^HTTP\/1\.1 404/, 'a missing channel: 404');
 like(http("POST /stats HTTP/1.0\r\nHost: localhost\r\nContent-Length: 1\r\n\r\nx"),
 	qr/^HTTP\/1\.1 405.*Allow: GET/s, 'statistics take GET only');
+
+# one subscriber on two channels is one subscriber in the summary, as in push-stream,
+# and one in each channel's count
+my $two = PgPush::WS->connect('/ws?id=m1/m2');
+my $n2;
+for (1 .. 30) {
+	$n2 = summary()->{subscribers};
+	last if $n2 == 2;
+	sleep 0.1;
+}
+is($n2, 2, 'a subscriber on two channels counts once in the summary');
+is(wait_subscribers('m2', 1), 1, 'and once in each channel');
+$two->close();
+for (1 .. 30) {
+	$n2 = summary()->{subscribers};
+	last if $n2 == 1;
+	sleep 0.1;
+}
+is($n2, 1, 'and leaves once');
 
 # kill -9 of a worker: its subscribers' counts are taken back
 my @more = map { PgPush::WS->connect("/ws?id=k$_") } 1 .. 6;

@@ -285,9 +285,10 @@ pub fn join(key: SubKey) -> usize {
     let sub = unsafe { key.get() }.subscription();
     let (postgres, prefix) =
         worker::with(|w| (w.has_postgres(), w.prefix.len())).unwrap_or((false, 0));
-    for (channel, _) in sub.channels.iter() {
+    for (k, (channel, _)) in sub.channels.iter().enumerate() {
         let id = id_of(channel, prefix).as_bytes();
-        if zone::join(id) {
+        // the summary counts a subscriber once, on its first channel
+        if zone::join(id, k == 0) {
             events::emit(Event::ChannelCreated, id);
         }
         events::emit(Event::ClientSubscribed, id);
@@ -344,9 +345,9 @@ pub fn leave(key: SubKey) {
         }
     });
     let prefix = worker::with(|w| w.prefix.len()).unwrap_or(0);
-    for (channel, _) in channels.iter() {
+    for (k, (channel, _)) in channels.iter().enumerate() {
         let id = id_of(channel, prefix).as_bytes();
-        zone::leave(id);
+        zone::leave(id, k == 0);
         events::emit(Event::ClientUnsubscribed, id);
     }
     if let Some(h) = sub.hooks.take() {
@@ -925,7 +926,8 @@ fn deleted(channel: &str, id: &str, text: &[u8]) {
         let mut kept = std::mem::take(&mut sub.channels).into_vec();
         let (_, slot) = kept.remove(k);
         sub.channels = kept.into_boxed_slice();
-        zone::leave(id.as_bytes());
+        // a subscriber left with no channel is gone from the summary
+        zone::leave(id.as_bytes(), sub.channels.is_empty());
         events::emit(Event::ClientUnsubscribed, id.as_bytes());
         with(|reg| {
             if let ListenChange::Unlisten(ch) = reg.hub.unsubscribe(channel, slot, key, false) {

@@ -258,14 +258,15 @@ pub fn is_wildcard(id: &[u8]) -> bool {
     locked(|_, _, wild| wild(id)).unwrap_or(false)
 }
 
-/// A subscriber joined a channel; whether that created it.
-pub fn join(id: &[u8]) -> bool {
-    locked(|c, w, wild| c.join(id, wild(id), w, now()).unwrap_or(false)).unwrap_or(false)
+/// A subscriber joined a channel (`first`: the first of its subscription, which counts
+/// it once in the summary); whether that created the channel.
+pub fn join(id: &[u8], first: bool) -> bool {
+    locked(|c, w, wild| c.join(id, wild(id), w, now(), first).unwrap_or(false)).unwrap_or(false)
 }
 
-/// A subscriber left a channel.
-pub fn leave(id: &[u8]) {
-    locked(|c, w, _| c.leave(id, w, now()));
+/// A subscriber left a channel (`last`: its last one).
+pub fn leave(id: &[u8], last: bool) {
+    locked(|c, w, _| c.leave(id, w, now(), last));
 }
 
 /// Creates the channel if needed, within the limits; whether it was created.
