@@ -133,9 +133,6 @@ macro_rules! loc {
 }
 
 const T1: u32 = NGX_CONF_TAKE1;
-/// For a directive accepted before it works: `nginx -t` warns that it has no effect yet.
-#[allow(dead_code)]
-const NOT_YET: bool = false;
 const READY: bool = true;
 
 use Kind::{Complex, Custom, Flag};

@@ -637,27 +637,16 @@ impl Subscriber {
 
     /// Logs and frees the request; the connection is driven by on_read/on_write from now.
     fn detach(&mut self) {
-        let c = self.c;
+        let data = ptr::from_mut(self).cast();
         // SAFETY: r is alive and done with; our cleanup is disarmed first so that freeing
-        // the request leaves the subscriber alone. nginx marks the connection destroyed
-        // when it frees a request; it is not, it is ours.
+        // the request leaves the subscriber alone
         unsafe {
             (*self.cln).handler = None;
-            nginx_sys::ngx_http_free_request(self.r, 0);
-            self.r = ptr::null_mut();
-            self.cln = ptr::null_mut();
-            let c = &mut *c;
-            c.set_destroyed(0);
-            c.data = ptr::from_mut(self).cast();
-            (*c.read).handler = Some(on_read);
-            (*c.write).handler = Some(on_write);
-            (*c.log).action = c"relaying WebSocket messages".as_ptr().cast_mut();
-            // the request's header buffer: a large allocation of the connection pool
-            if let Some(b) = c.buffer.as_ref() {
-                nginx_sys::ngx_pfree(c.pool, b.start.cast());
-                c.buffer = ptr::null_mut();
-            }
+            let action = c"relaying WebSocket messages";
+            super::parked::keep_connection(self.r, data, on_read, on_write, action);
         }
+        self.r = ptr::null_mut();
+        self.cln = ptr::null_mut();
     }
 
     /// With nothing to send, the write timer counts down to the next ping (if pings are

@@ -90,7 +90,7 @@ pub fn subscribe(
         park: None,
         reply: None,
     });
-    let head = parked::head(r);
+    let parkable = parked::can_park(r);
     let raw = hold(r, poller)?;
     // SAFETY: raw is live until the cleanup, which leaves first
     let key = unsafe { SubKey::new(&mut *raw) };
@@ -107,9 +107,15 @@ pub fn subscribe(
     }
     // SAFETY: raw is live (the request holds it)
     let poller = unsafe { &mut *raw };
-    if let (Some((head, capacity)), false) = (head, poller.done) {
-        poller.park =
-            Some(Park { c: r.connection, head, capacity, start: (0, 0), write_handler: None });
+    if parkable && !poller.done {
+        // the head is rebuilt when it parks: a busy channel's poll is answered before
+        poller.park = Some(Park {
+            c: r.connection,
+            head: Vec::new(),
+            capacity: 0,
+            start: (0, 0),
+            write_handler: None,
+        });
         // A client whose last message is recent (its If-Modified-Since) is on a busy
         // channel: it waits PARK_AFTER as an ordinary request first, and is most likely
         // answered before (a replay costs more CPU than that wait costs memory). Any
@@ -188,6 +194,12 @@ extern "C" fn park_posted(wev: *mut ngx_event_t) {
     if poller.done {
         return;
     }
+    // SAFETY: the request waits
+    let Some((head, capacity)) = parked::head(unsafe { &*poller.r }) else {
+        // it stays an ordinary held request
+        poller.park = None;
+        return;
+    };
     let data = ptr::from_mut(poller).cast();
     // SAFETY: the request waits, outside its handler; the cleanup that would free the
     // poller with it is disarmed first: the poller is the connection's from now
@@ -196,7 +208,7 @@ extern "C" fn park_posted(wev: *mut ngx_event_t) {
         parked::park(poller.r, data, parked_read, parked_write)
     };
     if let Some(park) = poller.park.as_mut() {
-        park.start = start;
+        (park.head, park.capacity, park.start) = (head, capacity, start);
     }
     poller.r = ptr::null_mut();
     poller.cln = ptr::null_mut();

@@ -39,9 +39,9 @@ thread_local! {
     static REPLAYS: RefCell<HashMap<usize, Replay>> = RefCell::new(HashMap::new());
 }
 
-/// The request's head as nginx parsed it, with the size of the header buffer it must fit
-/// in, if the request can be parked.
-pub fn head(r: &ngx_http_request_t) -> Option<(Vec<u8>, usize)> {
+/// Whether the request is of a kind that can be parked (its head is rebuilt only when it
+/// is, by [`head`]).
+pub fn can_park(r: &ngx_http_request_t) -> bool {
     // SAFETY: a live request and its connection
     let c = unsafe { &*r.connection };
     let main = ptr::eq(r.main, r);
@@ -61,8 +61,19 @@ pub fn head(r: &ngx_http_request_t) -> Option<(Vec<u8>, usize)> {
         || !ptr::eq(r.header_in, c.buffer)
         || !pool_is_plain(c)
     {
+        return false;
+    }
+    true
+}
+
+/// The request's head as nginx parsed it, with the size of the header buffer it must fit
+/// in, if the request can be parked.
+pub fn head(r: &ngx_http_request_t) -> Option<(Vec<u8>, usize)> {
+    if !can_park(r) {
         return None;
     }
+    // SAFETY: a live request and its connection
+    let c = unsafe { &*r.connection };
     let mut head = Vec::with_capacity(256);
     head.extend_from_slice(r.request_line.as_bytes());
     head.extend_from_slice(b"\r\n");
@@ -127,21 +138,38 @@ pub unsafe fn park(
     on_write: unsafe extern "C" fn(*mut ngx_event_t),
 ) -> (nginx_sys::time_t, nginx_sys::ngx_msec_t) {
     let start = ((*r).start_sec, (*r).start_msec);
-    let c = &mut *(*r).connection;
     (*r).set_logged(1);
+    keep_connection(r, data, on_read, on_write, c"waiting for a message");
+    start
+}
+
+/// Frees a request (logging it unless it is marked logged) and keeps its bare connection,
+/// driven from now by `on_read` and `on_write` with `data` as its data; the request's
+/// header buffer goes too.
+///
+/// # Safety
+/// `r` is a live request, not inside its handler, whose cleanups no longer refer to
+/// anything that outlives it.
+pub unsafe fn keep_connection(
+    r: *mut ngx_http_request_t,
+    data: *mut c_void,
+    on_read: unsafe extern "C" fn(*mut ngx_event_t),
+    on_write: unsafe extern "C" fn(*mut ngx_event_t),
+    action: &'static core::ffi::CStr,
+) {
+    let c = &mut *(*r).connection;
     nginx_sys::ngx_http_free_request(r, 0);
     // nginx marks the connection destroyed when it frees a request; it is not, it is ours
     c.set_destroyed(0);
     c.data = data;
     (*c.read).handler = Some(on_read);
     (*c.write).handler = Some(on_write);
-    (*c.log).action = c"waiting for a message".as_ptr().cast_mut();
+    (*c.log).action = action.as_ptr().cast_mut();
     // the header buffer: a large allocation of the connection pool
     if let Some(b) = c.buffer.as_ref() {
         nginx_sys::ngx_pfree(c.pool, b.start.cast());
         c.buffer = ptr::null_mut();
     }
-    start
 }
 
 /// Reads what the client of a parked connection sends: pipelined bytes are kept after
