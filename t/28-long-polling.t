@@ -163,7 +163,7 @@ close $s;
 sleep(1);
 unlike(join('|', map { $_->[2] // '' } @{$pg->sessions()}), qr/UNLISTEN "gone"/,
 	'a dropped poll\'s channel lingers a moment');
-ok($pg->wait_query(qr/UNLISTEN "gone"/, 1), 'then nobody polls it: UNLISTEN');
+ok($pg->wait_query(qr/UNLISTEN "gone"/, 1, 10), 'then nobody polls it: UNLISTEN');
 
 # Parked polls on one keep-alive connection: answered by a message (add_header applies),
 # again with If-Modified-Since / If-None-Match from the answer, then at the ttl, then

@@ -91,11 +91,11 @@ sub wait_sessions {
 }
 
 # Waits until at least $count side connections (default 1) last ran a statement matching
-# $re; says what they ran if that never happens.
+# $re, for up to $seconds (default 5); says what they ran if that never happens.
 sub wait_query {
-	my ($self, $re, $count) = @_;
+	my ($self, $re, $count, $seconds) = @_;
 	$count //= 1;
-	for (1 .. 50) {
+	for (1 .. 10 * ($seconds // 5)) {
 		my $rows = eval { $self->sessions() } || [];
 		return 1 if grep({ ($_->[2] // '') =~ $re } @$rows) >= $count;
 		Time::HiRes::sleep(0.1);
