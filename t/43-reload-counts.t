@@ -27,7 +27,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(12);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(16);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -60,6 +60,12 @@ http {
             push_stream_subscriber;
             push_stream_channels_path \$arg_id;
             push_stream_footer_template "FOOTER";
+        }
+
+        location /lp {
+            push_stream_subscriber long-polling;
+            push_stream_channels_path \$arg_id;
+            push_stream_longpolling_connection_ttl 60s;
         }
 
         location /pub {
@@ -160,3 +166,22 @@ my $sum = 0;
 $sum += $_->{subscribers} for @{$stats->{by_worker}};
 is($sum, 7, 'by_worker adds up');
 is($t->read_file('error.log') =~ /\[alert\]/ ? 'alert' : 'none', 'none', 'no alert');
+
+# a fast shutdown (TERM: nginx -s stop) still ends every subscriber as push-stream does:
+# the footer and the last chunk, a 304 to a waiting long-poll, a close frame
+my $ws = PgPush::WS->connect('/ws?id=stop');
+my $st = stream('/sub?id=stop');
+my $lp = stream('/lp?id=stop');
+is(wait_count(10), 10, 'subscribers before the stop');
+my $master = $t->read_file('nginx.pid');
+chomp $master;
+kill 'TERM', $master;
+like(read_all($st, 5), qr/FOOTER\r\n0\r\n\r\n\z/, 'stop: a stream ends with its footer and the last chunk');
+like(read_all($lp, 5), qr/^HTTP\/1\.1 304 .*^Etag: W\/0\r$/ms, 'a waiting long-poll gets 304');
+my $code;
+while (my $m = $ws->read_message(5)) {
+	next unless $m->{opcode} == 8;
+	($code) = PgPush::WS->close_status($m);
+	last;
+}
+is($code, 1001, 'a WebSocket subscriber a close frame with 1001');

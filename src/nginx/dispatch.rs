@@ -86,9 +86,9 @@ fn handle(e: Event) {
     }
 }
 
-/// Graceful quit or reload: every subscriber and waiting publisher is answered and closed,
-/// then the side connection stops.
-fn shutdown() {
+/// Quit, reload or fast shutdown: every subscriber and waiting publisher is answered and
+/// closed, then the side connection stops.
+pub fn shutdown() {
     lifecycle::log_cache_stats();
     lifecycle::shutdown();
     let pending = worker::with(|w| w.take_all_publishes()).unwrap_or_default();

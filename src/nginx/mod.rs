@@ -169,8 +169,12 @@ extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
 }
 
 extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
-    lifecycle::log_cache_stats();
-    worker::stop();
+    // a graceful quit has answered everyone already (dispatch's shutdown, when nginx closed
+    // the bridge); a fast one (TERM, INT) comes straight here, and subscribers still get
+    // their end of stream, as push-stream gives them
+    if worker::with(|_| ()).is_some() {
+        dispatch::shutdown();
+    }
 }
 
 /// Runs in the master after the whole configuration is read (also for `nginx -t`), when

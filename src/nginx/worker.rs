@@ -196,6 +196,12 @@ pub fn start(
 }
 
 /// Stops the side thread (bounded) and closes the eventfd connection. Idempotent.
+/// Whether this worker is shutting down, gracefully (quit, reload) or fast (TERM, INT).
+pub fn exiting() -> bool {
+    // SAFETY: nginx's globals, set by its signal handling in this process
+    unsafe { nginx_sys::ngx_exiting != 0 || nginx_sys::ngx_terminate != 0 }
+}
+
 pub fn stop() {
     crate::nginx::zone::stop();
     let Some(mut w) = WORKER.with(|w| w.borrow_mut().take()) else {

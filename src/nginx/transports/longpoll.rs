@@ -482,7 +482,7 @@ impl LongPoller {
             if (*(*c).write).timer_set() != 0 {
                 nginx_sys::ngx_del_timer((*c).write);
             }
-            if nginx_sys::ngx_exiting != 0 {
+            if crate::nginx::worker::exiting() {
                 // a worker that shuts down may exit before it runs posted events: the
                 // replay runs now, and frees this poller (nothing may touch self after)
                 return replay_posted((*c).read);

@@ -48,8 +48,7 @@ pub fn can_park(r: &ngx_http_request_t) -> bool {
     let http1 = r.http_version == nginx_sys::NGX_HTTP_VERSION_10 as usize
         || r.http_version == nginx_sys::NGX_HTTP_VERSION_11 as usize;
     let body = r.headers_in.content_length_n > 0 || r.headers_in.chunked() != 0;
-    // SAFETY: the global is nginx's
-    let exiting = unsafe { nginx_sys::ngx_exiting } != 0;
+    let exiting = crate::nginx::worker::exiting();
     if !main
         || !http1
         || body
