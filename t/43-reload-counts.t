@@ -27,7 +27,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(16);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(18);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -167,12 +167,30 @@ $sum += $_->{subscribers} for @{$stats->{by_worker}};
 is($sum, 7, 'by_worker adds up');
 is($t->read_file('error.log') =~ /\[alert\]/ ? 'alert' : 'none', 'none', 'no alert');
 
+# a reload that changes the zone's size keeps the running zone, and its counts, as
+# push-stream does
+my $published = summary()->{published_messages};
+my $conf = $t->read_file('nginx.conf');
+$conf =~ s/(push_stream_postgres ")/push_stream_shared_memory_size 20m;\n    $1/;
+$t->write_file('nginx.conf', $conf);
+$t->reload();
+like($t->read_file('error.log'),
+	qr/\[warn\].*Cannot change memory area size without restart, ignoring change on zone: push_stream_module/,
+	'a new zone size needs a restart: nginx says so');
+my $after_size;
+for (1 .. 50) {
+	$after_size = summary();
+	last if @{$after_size->{by_worker} // []} == 2 && !grep { $was{$_->{pid}} || $_->{pid} == $now[0] || $_->{pid} == $now[1] } @{$after_size->{by_worker}};
+	sleep 0.1;
+}
+is($after_size->{published_messages}, $published, 'and the counts survive it');
+
 # a fast shutdown (TERM: nginx -s stop) still ends every subscriber as push-stream does:
 # the footer and the last chunk, a 304 to a waiting long-poll, a close frame
 my $ws = PgPush::WS->connect('/ws?id=stop');
 my $st = stream('/sub?id=stop');
 my $lp = stream('/lp?id=stop');
-is(wait_count(10), 10, 'subscribers before the stop');
+is(wait_count(3), 3, 'subscribers before the stop');
 my $master = $t->read_file('nginx.pid');
 chomp $master;
 kill 'TERM', $master;

@@ -30,12 +30,24 @@ pub fn add(cf: &mut ngx_conf_t, mcf: &mut MainConf) -> Result<(), ()> {
     // nginx keeps the name for the zone's lifetime: the configuration pool's copy
     let name = leak_in_pool(cf, &name).ok_or(())?;
     let mut name = name;
+    let mut size = mcf.shared_memory_size;
+    // a reload keeps the running zone, and so the counts: nginx would make a new, empty one
+    // for a new size
+    if let Some(running) = running_size(&name).filter(|&old| old != size) {
+        ngx::ngx_conf_log_error!(
+            nginx_sys::NGX_LOG_WARN,
+            cf,
+            "Cannot change memory area size without restart, ignoring change on zone: {}",
+            name
+        );
+        size = running;
+    }
     // SAFETY: cf is the configuration being parsed; the tag is our module
     let zone = unsafe {
         nginx_sys::ngx_shared_memory_add(
             cf,
             &mut name,
-            mcf.shared_memory_size,
+            size,
             ptr::addr_of_mut!(crate::nginx::ngx_http_pgpush_module).cast(),
         )
     };
@@ -46,6 +58,31 @@ pub fn add(cf: &mut ngx_conf_t, mcf: &mut MainConf) -> Result<(), ()> {
     unsafe { (*zone).init = Some(init_zone) };
     mcf.zone = zone;
     Ok(())
+}
+
+/// The size of our zone of this name in the running cycle (the one a reload replaces).
+fn running_size(name: &ngx_str_t) -> Option<usize> {
+    let tag = ptr::addr_of_mut!(crate::nginx::ngx_http_pgpush_module).cast::<c_void>();
+    // SAFETY: while a configuration is read, ngx_cycle is the running cycle (at startup, an
+    // empty one); its list of zones is nginx's, parts chained until a null next
+    unsafe {
+        let cycle = nginx_sys::ngx_cycle;
+        if cycle.is_null() {
+            return None;
+        }
+        let mut part: *const nginx_sys::ngx_list_part_t = &(*cycle).shared_memory.part;
+        while !part.is_null() {
+            let elts = (*part).elts.cast::<ngx_shm_zone_t>();
+            for i in 0..(*part).nelts {
+                let z = &*elts.add(i);
+                if z.tag == tag && z.shm.name.as_bytes() == name.as_bytes() {
+                    return Some(z.shm.size);
+                }
+            }
+            part = (*part).next;
+        }
+    }
+    None
 }
 
 fn leak_in_pool(cf: &mut ngx_conf_t, s: &str) -> Option<ngx_str_t> {
