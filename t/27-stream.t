@@ -28,7 +28,7 @@ use PgPush::PG;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(31);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(35);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -71,6 +71,19 @@ http {
         location /pub {
             push_stream_publisher;
             push_stream_channels_path \$arg_id;
+        }
+
+        location /stif {
+            push_stream_subscriber eventsource;
+            push_stream_channels_path \$arg_id;
+            push_stream_header_template "head";
+            push_stream_message_template "~channel~:~text~";
+            if (\$arg_test) {
+                push_stream_channels_path test_\$arg_id;
+            }
+            location /stif/nested {
+                return 204;
+            }
         }
 
         location /cors {
@@ -231,5 +244,16 @@ like($p, qr/^Cache-Control: no-cache, no-store, must-revalidate\r$/m, 'publisher
 
 like(http_get('/es?id=ALL'), qr/^HTTP\/1\.1 403.*X-Nginx-PushStream-Explain: Channel id not authorized/ms,
 	'ALL: 403 explained');
+
+# a location whose directives an `if` block changes: the block is the same subscriber
+my $plain = open_stream('/stif?id=ifch');
+my $inif = open_stream('/stif?id=ifch&test=1');
+like($inif->{head}, qr/^HTTP\/1\.1 200/, 'a subscriber location\'s if block subscribes too');
+publish('ifch', 'one');
+publish('test_ifch', 'two');
+ok(defined expect($plain, qr/: head\n(?::\n)*data: ifch:one\n\n/), 'outside the if: its path');
+ok(defined expect($inif, qr/: head\n(?::\n)*data: test_ifch:two\n\n/),
+	'inside: the if block\'s path, the templates formatted once');
+like(http_get('/stif/nested'), qr/^HTTP\/1\.1 204/, 'a nested location keeps its own handler');
 
 ###############################################################################

@@ -31,7 +31,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(41);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(43);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -60,6 +60,15 @@ http {
             push_stream_publisher admin;
             push_stream_channels_path \$arg_id;
             push_stream_store_messages on;
+        }
+
+        location /pubif {
+            push_stream_publisher;
+            push_stream_channels_path \$arg_id;
+            push_stream_store_messages off;
+            if (\$arg_store) {
+                push_stream_store_messages on;
+            }
         }
 
         location /poll {
@@ -291,6 +300,12 @@ my $gaps = grep { $ids[$_] != $ids[$_ - 1] + 1 } 1 .. $#ids;
 ok(@ids > 5, 'a subscriber joining mid-stream gets messages (' . scalar(@ids) . ')');
 is($gaps, 0, 'offsets are consecutive: no gap, no duplicate') or diag("@ids");
 is($ids[-1], 200, 'up to the last one');
+
+# push_stream_store_messages set in an if block of a publisher location
+like(http("POST /pubif?id=ifstore HTTP/1.0\r\nHost: localhost\r\nContent-Length: 1\r\n\r\na"),
+	qr/"stored_messages": 0/, 'a publisher location that does not store');
+like(http("POST /pubif?id=ifstore&store=1 HTTP/1.0\r\nHost: localhost\r\nContent-Length: 1\r\n\r\nb"),
+	qr/"published_messages": 2, "stored_messages": 1/, 'its if block, which does');
 
 # the cleaner keeps at most max_messages_stored_per_channel rows per channel
 my $kept;

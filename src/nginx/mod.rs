@@ -115,6 +115,7 @@ impl HttpModule for HttpPgPushModule {
                 max_wildcard_channels: MainConf::limit(m.max_number_of_wildcard_channels),
             })
             .unwrap_or_default();
+        let own_role = conf.has_own_role();
         if conf.merge(prev).is_err() || conf.check(cf, &main).is_err() {
             return NGX_CONF_ERROR;
         }
@@ -129,6 +130,11 @@ impl HttpModule for HttpPgPushModule {
             if let Some(mcf) = HttpPgPushModule::main_conf_mut(&*cf) {
                 mcf.store = true;
             }
+        }
+        if !own_role {
+            // an inherited role: an `if` block keeps its location's handler, and a nested
+            // location gets none (as in push-stream, whose directives set the handler)
+            return NGX_CONF_OK;
         }
         set_handler(cf, conf)
     }

@@ -274,6 +274,15 @@ impl Default for LocConf {
 
 impl Merge for LocConf {
     fn merge(&mut self, prev: &Self) -> Result<(), MergeConfigError> {
+        // the role is inherited, as push-stream's location type is: an `if` block of a
+        // subscriber location is a subscriber (nginx keeps the location's content handler);
+        // a nested location gets no handler from it (see `has_own_role`)
+        if !self.has_own_role() {
+            self.subscriber = prev.subscriber;
+            self.publisher = prev.publisher;
+            self.channels_statistics = prev.channels_statistics;
+            self.role_position.clone_from(&prev.role_position);
+        }
         merge_ptr(&mut self.channels_path, prev.channels_path);
         merge(&mut self.store_messages, prev.store_messages, NGX_CONF_UNSET as _, 0);
         merge(&mut self.channel_info_on_publish, prev.channel_info_on_publish, -1, 1);
@@ -381,6 +390,12 @@ fn static_str(s: &'static str) -> ngx_str_t {
 }
 
 impl LocConf {
+    /// Whether a role directive (subscriber, publisher, statistics) is written in this very
+    /// block, before merging (after it, the inherited role counts too).
+    pub fn has_own_role(&self) -> bool {
+        self.subscriber.is_some() || self.publisher.is_some() || self.channels_statistics
+    }
+
     /// The SQL hooks of this location.
     pub fn sql_hooks(&self) -> impl Iterator<Item = &SqlHook> {
         [&self.postgres_on_subscribe, &self.postgres_on_unsubscribe, &self.postgres_on_publish]
