@@ -30,6 +30,8 @@ const KIND_SHARE: u8 = 3;
 const FLAG_WILDCARD: u8 = 1;
 const FLAG_DELETED: u8 = 2;
 const FLAG_PINNED: u8 = 4;
+/// Published through the store: the channel exists while it keeps messages.
+const FLAG_STORED: u8 = 8;
 
 /// Name bytes held in a channel block, and in each continuation block.
 const NAME_INLINE: usize = BLOCK - 46;
@@ -81,6 +83,16 @@ struct Channel {
     kind: u8,
     flags: u8,
     name: [u8; NAME_INLINE],
+}
+
+impl Channel {
+    /// A subscriber came or went: the channel is active. A stored channel's activity is
+    /// its last publish only, since its messages' ttl runs from there.
+    fn touched(&mut self, now: u64) {
+        if self.flags & FLAG_STORED == 0 {
+            self.last_active = now as u32;
+        }
+    }
 }
 
 #[repr(C)]
@@ -151,6 +163,10 @@ pub struct Limits {
 /// A formatted region; see the module documentation.
 pub struct Counters {
     base: *mut u8,
+    /// This process's clock (seconds), for the messages' ttl; see [`Counters::set_now`].
+    now: u64,
+    /// `push_stream_message_ttl` in seconds (0: messages never expire).
+    ttl: u64,
 }
 
 /// The block size, for sizing documentation and tests.
@@ -186,7 +202,7 @@ impl Counters {
         if blocks < 16 {
             return None;
         }
-        let c = Self { base };
+        let c = Self { base, now, ttl: 0 };
         let h = unsafe { c.header() };
         h.magic = MAGIC;
         h.blocks = blocks as u32;
@@ -205,8 +221,23 @@ impl Counters {
     /// # Safety
     /// `base` points at such a region, mapped for as long as the result is used.
     pub unsafe fn attach(base: *mut u8) -> Option<Self> {
-        let c = Self { base };
+        let c = Self { base, now: 0, ttl: 0 };
         (unsafe { c.header() }.magic == MAGIC).then_some(c)
+    }
+
+    /// The time (seconds) the next calls see, and the messages' ttl.
+    pub fn set_now(&mut self, now: u64, ttl: u64) {
+        self.now = now;
+        self.ttl = ttl;
+    }
+
+    /// The messages the store keeps for the channel: none once the ttl has passed since
+    /// its last publish (the last activity is no earlier), without waiting for a publish
+    /// or the cleaner to say so.
+    fn stored_now(&self, ch: &Channel) -> u32 {
+        let expired =
+            self.ttl > 0 && self.now.saturating_sub(u64::from(ch.last_active)) >= self.ttl;
+        if expired { 0 } else { ch.stored }
     }
 
     /// Channel blocks the region has, for the log.
@@ -466,7 +497,9 @@ impl Counters {
             match self.live(id) {
                 Some(i) => {
                     let ch = self.channel(i);
-                    if limits.existing_only && !wildcard && ch.published == 0 {
+                    // push-stream: a channel exists while it keeps messages
+                    let gone = ch.flags & FLAG_STORED != 0 && self.stored_now(ch) == 0;
+                    if limits.existing_only && !wildcard && (ch.published == 0 || gone) {
                         return Err((k, Refusal::NotCreated));
                     }
                     let subs = self.subscribers_of(ch) as usize;
@@ -505,7 +538,7 @@ impl Counters {
     ) -> Result<bool, Refusal> {
         let (i, created) = self.get_or_create(id, wildcard, now, &Limits::default())?;
         let ch = self.channel(i);
-        ch.last_active = now as u32;
+        ch.touched(now);
         if ch.first_worker == worker || ch.first_worker == u16::MAX {
             ch.first_worker = worker;
             ch.first_count += 1;
@@ -544,7 +577,7 @@ impl Counters {
     pub fn leave(&mut self, id: &[u8], worker: u16, now: u64, connection: bool) {
         let Some((i, _)) = self.find(id) else { return };
         let ch = self.channel(i);
-        ch.last_active = now as u32;
+        ch.touched(now);
         let mut left = false;
         if ch.first_worker == worker && ch.first_count > 0 {
             ch.first_count -= 1;
@@ -581,7 +614,7 @@ impl Counters {
         limits: &Limits,
     ) -> Result<bool, Refusal> {
         let (i, created) = self.get_or_create(id, wildcard, now, limits)?;
-        self.channel(i).last_active = now as u32;
+        self.channel(i).touched(now);
         Ok(created)
     }
 
@@ -605,7 +638,9 @@ impl Counters {
     /// How many messages the store keeps for the channel, as a publish found.
     pub fn stored(&mut self, id: &[u8], kept: u64) {
         if let Some(i) = self.live(id) {
-            self.channel(i).stored = kept.min(u64::from(u32::MAX)) as u32;
+            let ch = self.channel(i);
+            ch.stored = kept.min(u64::from(u32::MAX)) as u32;
+            ch.flags |= FLAG_STORED;
         }
     }
 
@@ -627,7 +662,7 @@ impl Counters {
         Info {
             id: self.name_of(ch),
             published: ch.published,
-            stored: ch.stored.into(),
+            stored: self.stored_now(ch).into(),
             subscribers: self.subscribers_of(ch),
             wildcard: ch.flags & FLAG_WILDCARD != 0,
         }
@@ -671,7 +706,7 @@ impl Counters {
             channels: h.channels.into(),
             wildcard_channels: h.wildcard_channels.into(),
             published: h.published,
-            stored: self.each_live().map(|i| u64::from(self.channel(i).stored)).sum(),
+            stored: self.each_live().map(|i| u64::from(self.stored_now(self.channel(i)))).sum(),
             subscribers: workers.iter().map(|w| w.subscribers).sum(),
             channels_in_delete: h.channels_in_delete.into(),
             started: h.started,
@@ -720,7 +755,8 @@ impl Counters {
                 }
                 let ch = self.channel(i);
                 let idle = now.saturating_sub(u64::from(ch.last_active)) >= inactivity
-                    && ch.flags & FLAG_PINNED == 0;
+                    && ch.flags & FLAG_PINNED == 0
+                    && self.stored_now(ch) == 0;
                 let deleted = ch.flags & FLAG_DELETED != 0;
                 if self.subscribers_of(ch) == 0 && (deleted || idle) {
                     if !deleted {
@@ -904,6 +940,35 @@ mod tests {
         assert_eq!(c.check_join(&[(b"w_2", true)], &lim), Ok(()));
         c.published(b"a", false, 0, true);
         assert_eq!(c.check_join(&[(b"a", false)], &lim), Ok(()));
+    }
+
+    #[test]
+    fn a_stored_channel_exists_while_it_keeps_messages() {
+        let (_m, mut c) = region(64 * 1024);
+        let lim = Limits { existing_only: true, ..NO };
+        c.set_now(100, 10);
+        c.published(b"s", false, 100, true);
+        c.stored(b"s", 3);
+        c.published(b"p", false, 100, true);
+        assert_eq!(c.check_join(&[(b"s", false)], &lim), Ok(()));
+        assert_eq!(c.info(b"s").unwrap().stored, 3);
+        c.set_now(109, 10);
+        assert_eq!(c.summary().stored, 3, "within the ttl");
+        assert_eq!(c.collect(109, 5), vec![b"p".to_vec()], "idle, but s keeps messages");
+        c.set_now(110, 10);
+        assert_eq!(c.info(b"s").unwrap().stored, 0, "the ttl has passed: all expired");
+        assert_eq!(c.summary().stored, 0);
+        assert_eq!(c.check_join(&[(b"s", false)], &lim), Err((0, Refusal::NotCreated)));
+        c.published(b"p", false, 110, true);
+        assert_eq!(c.check_join(&[(b"p", false)], &lim), Ok(()), "a plain one, published");
+        let w = c.claim_worker(1, 0, |_| true).unwrap();
+        c.join(b"s", false, w, 115, true).unwrap();
+        c.leave(b"s", w, 115, true);
+        c.set_now(115, 10);
+        assert_eq!(c.info(b"s").unwrap().stored, 0, "a subscriber does not bring them back");
+        c.published(b"s", false, 116, true);
+        c.stored(b"s", 1);
+        assert_eq!(c.check_join(&[(b"s", false)], &lim), Ok(()), "published again");
     }
 
     #[test]

@@ -28,7 +28,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(17);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(21);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -72,6 +72,12 @@ http {
             push_stream_subscriber polling;
             push_stream_channels_path \$arg_id;
             push_stream_message_template "~id~:~text~;";
+        }
+
+        location /authpoll {
+            push_stream_subscriber polling;
+            push_stream_channels_path \$arg_id;
+            push_stream_authorized_channels_only on;
         }
 
         location /ws {
@@ -206,8 +212,14 @@ is($pg->query("SELECT pgpush.clean(NULL, '1 hour') IS NOT NULL")->[0][0], 1, 'an
 # push_stream_message_ttl: history ends, and the cleaner deletes the rows
 post('ttl', 'short lived');
 like(http_get('/poll?id=ttl.b5'), qr/1:short lived;/, 'a fresh message is in the history');
+like(http_get('/pub?id=ttl'), qr/"stored_messages": 1/, 'the channel keeps it');
+unlike(http_get('/authpoll?id=ttl'), qr/^HTTP\/1\.1 403/, 'authorized channels only: it exists');
 sleep(9);
 like(http_get('/poll?id=ttl.b5'), qr/^HTTP\/1\.1 304/, 'past push_stream_message_ttl it is not');
+like(http_get('/pub?id=ttl'), qr/"stored_messages": 0/, 'the channel keeps nothing, at once');
+like(http_get('/authpoll?id=ttl'),
+	qr/^HTTP\/1\.1 403 .*^X-Nginx-PushStream-Explain: Subscriber could not create channels\.\r$/ms,
+	'and, as in push-stream, a channel without messages does not exist for authorized channels only');
 my $left;
 for (1 .. 40) {
 	$left = $pg->query("SELECT count(*) FROM pgpush.messages WHERE channel = 'ttl'")->[0][0];

@@ -144,6 +144,8 @@ struct Zone {
     worker: u16,
     sweep: Box<ngx_event_t>,
     inactivity: u64,
+    /// `push_stream_message_ttl` (s) when messages are stored.
+    ttl: u64,
     /// `push_stream_wildcard_channel_prefix`; empty: no wildcard channels.
     wildcard_prefix: Vec<u8>,
     /// Told of each channel dropped for inactivity.
@@ -164,6 +166,7 @@ fn locked<R>(f: impl FnOnce(&mut Counters, u16, &dyn Fn(&[u8]) -> bool) -> R) ->
         let wildcard = |id: &[u8]| !prefix.is_empty() && id.starts_with(prefix);
         // SAFETY: the pool's mutex, initialised by nginx for every zone
         unsafe { nginx_sys::ngx_shmtx_lock(&mut (*z.pool).mutex) };
+        z.counters.set_now(now(), z.ttl);
         let r = f(&mut z.counters, z.worker, &wildcard);
         // SAFETY: as above, locked just now
         unsafe { nginx_sys::ngx_shmtx_unlock(&mut (*z.pool).mutex) };
@@ -206,6 +209,7 @@ pub fn start(
         worker: 0,
         sweep,
         inactivity: mcf.channel_inactivity_time as u64,
+        ttl: if mcf.store { mcf.message_ttl as u64 } else { 0 },
         wildcard_prefix: mcf.wildcard_channel_prefix.as_bytes().to_vec(),
         destroyed,
     };
