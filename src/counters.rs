@@ -237,7 +237,11 @@ impl Counters {
     fn stored_now(&self, ch: &Channel) -> u32 {
         let expired =
             self.ttl > 0 && self.now.saturating_sub(u64::from(ch.last_active)) >= self.ttl;
-        if expired { 0 } else { ch.stored }
+        if expired {
+            0
+        } else {
+            ch.stored
+        }
     }
 
     /// Channel blocks the region has, for the log.
