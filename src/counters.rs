@@ -578,8 +578,10 @@ impl Counters {
     }
 
     /// A subscriber of `worker` left the channel; `connection`: its last one.
-    pub fn leave(&mut self, id: &[u8], worker: u16, now: u64, connection: bool) {
-        let Some((i, _)) = self.find(id) else { return };
+    /// Returns whether that was the last subscriber of a deleted channel (which is then
+    /// gone, and its `channel_destroyed` due).
+    pub fn leave(&mut self, id: &[u8], worker: u16, now: u64, connection: bool) -> bool {
+        let Some((i, _)) = self.find(id) else { return false };
         let ch = self.channel(i);
         ch.touched(now);
         let mut left = false;
@@ -601,6 +603,8 @@ impl Counters {
         if left && connection {
             self.worker_add(worker, -1);
         }
+        let ch = self.channel(i);
+        left && ch.flags & FLAG_DELETED != 0 && self.subscribers_of(ch) == 0
     }
 
     fn worker_add(&self, worker: u16, n: i64) {
@@ -720,8 +724,10 @@ impl Counters {
 
     /// Marks the channel deleted: it is no longer listed or counted as a channel, and goes
     /// once its subscribers have left. `false` if it did not exist.
-    pub fn delete(&mut self, id: &[u8]) -> bool {
-        let Some(i) = self.live(id) else { return false };
+    /// Deletes the channel: `None` if it does not exist, else whether it had no
+    /// subscriber (else the last to leave says it is gone, see [`Counters::leave`]).
+    pub fn delete(&mut self, id: &[u8]) -> Option<bool> {
+        let i = self.live(id)?;
         let h = unsafe { self.header() };
         let ch = self.channel(i);
         if ch.flags & FLAG_WILDCARD != 0 {
@@ -731,7 +737,7 @@ impl Counters {
         }
         h.channels_in_delete += 1;
         ch.flags |= FLAG_DELETED;
-        true
+        Some(self.subscribers_of(ch) == 0)
     }
 
     /// Whether a sweep is due: none ran in the last `every` seconds (then this caller
@@ -1000,13 +1006,26 @@ mod tests {
     }
 
     #[test]
+    fn the_last_subscriber_of_a_deleted_channel_says_it_is_gone() {
+        let (_m, mut c) = region(64 * 1024);
+        let w = c.claim_worker(1, 0, |_| true).unwrap();
+        c.join(b"x", false, w, 0, true).unwrap();
+        c.join(b"x", false, w, 0, true).unwrap();
+        assert_eq!(c.delete(b"x"), Some(false));
+        assert!(!c.leave(b"x", w, 0, true));
+        assert!(c.leave(b"x", w, 0, true), "the last one");
+        c.published(b"y", false, 0, true);
+        assert_eq!(c.delete(b"y"), Some(true), "no subscriber: gone at once");
+    }
+
+    #[test]
     fn delete_then_recreate() {
         let (_m, mut c) = region(64 * 1024);
         let w = c.claim_worker(1, 0, |_| true).unwrap();
         c.join(b"x", false, w, 0, true).unwrap();
         assert!(!c.published(b"x", false, 0, true), "the subscriber created it");
-        assert!(c.delete(b"x"));
-        assert!(!c.delete(b"x"));
+        assert_eq!(c.delete(b"x"), Some(false), "it has a subscriber");
+        assert_eq!(c.delete(b"x"), None);
         assert_eq!(c.info(b"x"), None);
         assert_eq!((c.summary().channels, c.summary().channels_in_delete), (0, 1));
         // a publish creates a fresh channel
@@ -1014,7 +1033,7 @@ mod tests {
         assert_eq!(c.info(b"x").unwrap().published, 1);
         assert_eq!(c.summary().channels_in_delete, 0);
         assert_eq!(c.info(b"x").unwrap().subscribers, 1, "still leaving");
-        c.leave(b"x", w, 0, true);
+        assert!(!c.leave(b"x", w, 0, true), "it was re-created: not the deleted one's end");
         assert_eq!(c.info(b"x").unwrap().subscribers, 0);
         assert_eq!(c.summary().subscribers, 0);
     }

@@ -24,7 +24,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(13);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(16);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -97,6 +97,18 @@ is($ev->payload, 'client_unsubscribed|events|{"type": "client_unsubscribed", "ch
 like(http("DELETE /pub?id=c1 HTTP/1.0\r\nHost: localhost\r\n\r\n"), qr/^HTTP\/1\.1 200/, 'DELETE');
 is($ev->payload, 'channel_destroyed|events|{"type": "channel_destroyed", "channel": "c1"}',
 	'destroys it');
+
+# a channel deleted under its subscribers: they are unsubscribed, then it is destroyed
+my $held = PgPush::WS->connect('/ev?id=held');
+is(join(' ', map { $ev->payload } 1 .. 2),
+	'channel_created|events|{"type": "channel_created", "channel": "held"} '
+	. 'client_subscribed|events|{"type": "client_subscribed", "channel": "held"}',
+	'a subscriber creates a channel, then joins it');
+like(http("DELETE /pub?id=held HTTP/1.0\r\nHost: localhost\r\n\r\n"), qr/^HTTP\/1\.1 200/, 'DELETE it');
+is(join(' ', map { $ev->payload } 1 .. 2),
+	'client_unsubscribed|events|{"type": "client_unsubscribed", "channel": "held"} '
+	. 'channel_destroyed|events|{"type": "channel_destroyed", "channel": "held"}',
+	'its subscriber is unsubscribed, then the channel destroyed');
 
 publish('idle', 'x');
 is($ev->payload, 'channel_created|events|{"type": "channel_created", "channel": "idle"}', 'another channel');

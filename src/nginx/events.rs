@@ -58,6 +58,15 @@ pub fn emit(event: Event, id: &[u8]) {
     });
 }
 
+/// A subscriber left the channel; `ended`: it was the last of a deleted channel, which is
+/// destroyed after its subscribers are unsubscribed, as in push-stream.
+pub fn left(id: &[u8], ended: bool) {
+    emit(Event::ClientUnsubscribed, id);
+    if ended {
+        emit(Event::ChannelDestroyed, id);
+    }
+}
+
 /// The zone dropped an idle channel.
 pub fn destroyed(id: &[u8]) {
     emit(Event::ChannelDestroyed, id);

@@ -347,8 +347,8 @@ pub fn leave(key: SubKey) {
     let prefix = worker::with(|w| w.prefix.len()).unwrap_or(0);
     for (k, (channel, _)) in channels.iter().enumerate() {
         let id = id_of(channel, prefix).as_bytes();
-        zone::leave(id, k == 0);
-        events::emit(Event::ClientUnsubscribed, id);
+        let ended = zone::leave(id, k == 0);
+        events::left(id, ended);
     }
     if let Some(h) = sub.hooks.take() {
         let ids: Vec<&str> = channels.iter().map(|(c, _)| id_of(c, prefix)).collect();
@@ -927,8 +927,8 @@ fn deleted(channel: &str, id: &str, text: &[u8]) {
         let (_, slot) = kept.remove(k);
         sub.channels = kept.into_boxed_slice();
         // a subscriber left with no channel is gone from the summary
-        zone::leave(id.as_bytes(), sub.channels.is_empty());
-        events::emit(Event::ClientUnsubscribed, id.as_bytes());
+        let ended = zone::leave(id.as_bytes(), sub.channels.is_empty());
+        events::left(id.as_bytes(), ended);
         with(|reg| {
             if let ListenChange::Unlisten(ch) = reg.hub.unsubscribe(channel, slot, key, false) {
                 reg.positions.remove(&ch);

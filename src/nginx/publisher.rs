@@ -298,11 +298,19 @@ fn delete(r: &mut ngx_http_request_t) -> ngx_int_t {
     } else {
         body
     };
-    let existing: Vec<&String> = ids.iter().filter(|id| zone::delete(id.as_bytes())).collect();
+    let mut existing = Vec::new();
+    for id in &ids {
+        match zone::delete(id.as_bytes()) {
+            // a channel with subscribers is destroyed when the last one has left
+            Some(true) => events::emit(Event::ChannelDestroyed, id.as_bytes()),
+            Some(false) => {}
+            None => continue,
+        }
+        existing.push(id);
+    }
     if existing.is_empty() {
         return http::send_header_only(r, nginx_sys::NGX_HTTP_NOT_FOUND);
     }
-    existing.iter().for_each(|id| events::emit(Event::ChannelDestroyed, id.as_bytes()));
     let payload = payload::wrap_deleted(&text);
     let prefix = http::main_conf(r).channel_prefix();
     let postgres = worker::with(|w| w.has_postgres()).unwrap_or(false);

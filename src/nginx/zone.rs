@@ -306,8 +306,9 @@ pub fn join(id: &[u8], first: bool) -> bool {
 }
 
 /// A subscriber left a channel (`last`: its last one).
-pub fn leave(id: &[u8], last: bool) {
-    locked(|c, w, _| c.leave(id, w, now(), last));
+/// Returns whether that ended a deleted channel (its last subscriber left).
+pub fn leave(id: &[u8], last: bool) -> bool {
+    locked(|c, w, _| c.leave(id, w, now(), last)).unwrap_or(false)
 }
 
 /// Creates the channel if needed, within the limits; whether it was created.
@@ -341,6 +342,7 @@ pub fn summary() -> Summary {
     .unwrap_or_default()
 }
 
-pub fn delete(id: &[u8]) -> bool {
-    locked(|c, _, _| c.delete(id)).unwrap_or(false)
+/// Deletes the channel: `None` if it does not exist, else whether it had no subscriber.
+pub fn delete(id: &[u8]) -> Option<bool> {
+    locked(|c, _, _| c.delete(id)).flatten()
 }
