@@ -28,7 +28,7 @@ use PgPush::PG;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(35);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(41);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -71,6 +71,24 @@ http {
         location /pub {
             push_stream_publisher;
             push_stream_channels_path \$arg_id;
+        }
+
+        location /sthdr {
+            push_stream_subscriber streaming;
+            push_stream_channels_path \$arg_id;
+            push_stream_header_template "HEAD";
+            default_type text/plain;
+            charset utf-8;
+            add_header X-Site pgpush;
+            gzip on;
+            gzip_types text/plain text/event-stream;
+            gzip_min_length 0;
+        }
+
+        location /eshdr {
+            push_stream_subscriber eventsource;
+            push_stream_channels_path \$arg_id;
+            add_header X-Site pgpush;
         }
 
         location /stif {
@@ -244,6 +262,22 @@ like($p, qr/^Cache-Control: no-cache, no-store, must-revalidate\r$/m, 'publisher
 
 like(http_get('/es?id=ALL'), qr/^HTTP\/1\.1 403.*X-Nginx-PushStream-Explain: Channel id not authorized/ms,
 	'ALL: 403 explained');
+
+# the head goes through nginx's header filters, as push-stream's: add_header, charset;
+# gzip does not apply to a stream (its body bypasses nginx's body filters)
+my $h = http("GET /sthdr?id=hdr HTTP/1.1\r\nHost: localhost\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n",
+	start => 1);
+my $got = '';
+my $sel = IO::Select->new($h);
+while ($got !~ /HEAD/ && $sel->can_read(3)) {
+	$h->sysread($got, 4096, length $got) or last;
+}
+like($got, qr/^HTTP\/1\.1 200 OK\r\nServer: nginx.*^Date: /ms, 'a stream\'s head is nginx\'s');
+like($got, qr/^X-Site: pgpush\r$/m, 'add_header applies');
+like($got, qr/^Content-Type: text\/plain; charset=utf-8\r$/m, 'and charset');
+unlike($got, qr/Content-Encoding/, 'gzip does not');
+like($got, qr/^Transfer-Encoding: chunked\r\n.*\r\n\r\n4\r\nHEAD\r\n\z/ms, 'the header template follows, chunked');
+like(open_stream('/eshdr?id=hdr')->{head}, qr/^X-Site: pgpush\r?$/mi, 'an EventSource head too');
 
 # a location whose directives an `if` block changes: the block is the same subscriber
 my $plain = open_stream('/stif?id=ifch');

@@ -1,5 +1,5 @@
-//! push-stream's `streaming` and `eventsource` subscribers on the wire: a response head,
-//! then one HTTP/1.1 chunk per message, header, footer or ping, and the last chunk.
+//! push-stream's `streaming` and `eventsource` subscribers on the wire, after the response
+//! head (nginx's): one HTTP/1.1 chunk per message, header, footer or ping, and the last chunk.
 //!
 //! EventSource follows push-stream 0.6.0: header and footer template lines become `: `
 //! comments (the header defaults to `: \n`), the message template is applied to every
@@ -8,32 +8,6 @@
 //! `: -1\n`.
 
 use crate::protocol::template::{Template, Values};
-
-/// The headers push-stream lets a browser send across origins.
-const CORS_HEADERS: &str = "If-Modified-Since,If-None-Match,Etag,Event-Id,Event-Type,Last-Event-Id";
-
-/// The response head of a stream: `200`, the content type, chunked, never cached; the
-/// CORS headers when an origin is allowed.
-pub fn response_head(content_type: &str, chunked: bool, origin: Option<&str>) -> Vec<u8> {
-    let mut h = Vec::with_capacity(200);
-    h.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Type: ");
-    h.extend_from_slice(content_type.as_bytes());
-    h.extend_from_slice(b"\r\n");
-    if let Some(o) = origin {
-        let cors = format!(
-            "Access-Control-Allow-Origin: {o}\r\nAccess-Control-Allow-Methods: GET\r\n\
-             Access-Control-Allow-Headers: {CORS_HEADERS}\r\n"
-        );
-        h.extend_from_slice(cors.as_bytes());
-    }
-    if chunked {
-        h.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
-    }
-    h.extend_from_slice(b"Connection: close\r\n");
-    h.extend_from_slice(b"Expires: Thu, 01 Jan 1970 00:00:01 GMT\r\n");
-    h.extend_from_slice(b"Cache-Control: no-cache, no-store, must-revalidate\r\n\r\n");
-    h
-}
 
 /// `data` as one chunk (or as itself, without chunked encoding).
 pub fn chunk(data: &[u8], chunked: bool, out: &mut Vec<u8>) {
@@ -204,23 +178,5 @@ mod tests {
         );
         assert_eq!(eventsource_comments(b": already\n"), b": already\n");
         assert_eq!(eventsource_comments(b""), b"");
-    }
-
-    #[test]
-    fn heads() {
-        let h = response_head("text/event-stream; charset=utf-8", true, Some("*"));
-        let h = String::from_utf8(h).unwrap();
-        assert!(
-            h.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n")
-        );
-        assert!(h.contains("Transfer-Encoding: chunked\r\n"));
-        assert!(h.contains("Cache-Control: no-cache, no-store, must-revalidate\r\n"));
-        assert!(h.ends_with("\r\n\r\n"));
-        assert!(
-            h.contains("Access-Control-Allow-Origin: *\r\nAccess-Control-Allow-Methods: GET\r\n")
-        );
-        assert!(!String::from_utf8(response_head("text/plain", false, None))
-            .unwrap()
-            .contains("chunked"));
     }
 }

@@ -221,6 +221,65 @@ fn check_wildcards(r: &ngx_http_request_t, ids: &[&[u8]]) -> Result<(), ChannelE
     Ok(())
 }
 
+/// The head of a stream, through nginx's header filters as push-stream's is (`add_header`,
+/// `expires`, `charset`, the server and date lines): `200`, the content type, chunked as
+/// `chunked`, never cached, with the CORS headers the handler added. The messages that
+/// follow bypass nginx's body filters, so none may claim the body (`gzip`). Returns the
+/// bytes nginx holds back for the body's first write, which the caller sends.
+fn stream_head(
+    r: &mut ngx_http_request_t,
+    eventsource: bool,
+    chunked: bool,
+) -> Result<Vec<u8>, ()> {
+    r.headers_out.status = nginx_sys::NGX_HTTP_OK as _;
+    r.headers_out.content_length_n = -1;
+    if eventsource {
+        const TYPE: &str = "text/event-stream; charset=utf-8";
+        r.headers_out.content_type =
+            nginx_sys::ngx_str_t { len: TYPE.len(), data: TYPE.as_ptr().cast_mut() };
+        r.headers_out.content_type_len = "text/event-stream".len();
+        r.headers_out.content_type_lowcase = ptr::null_mut();
+    } else {
+        // the location's type, as nginx picks it (types, default_type)
+        // SAFETY: the request is alive
+        if unsafe { nginx_sys::ngx_http_set_content_type(r) } != nginx_sys::NGX_OK as ngx_int_t {
+            return Err(());
+        }
+    }
+    http::no_cache(r)?;
+    r.set_gzip_tested(1);
+    r.set_gzip_ok(0);
+    // SAFETY: a request whose header is not sent yet
+    let rc = unsafe { nginx_sys::ngx_http_send_header(r) };
+    if rc == nginx_sys::NGX_ERROR as ngx_int_t || rc > nginx_sys::NGX_OK as ngx_int_t {
+        return Err(());
+    }
+    if (r.chunked() != 0) != chunked {
+        // a header filter changed the framing the messages were encoded for
+        return Err(());
+    }
+    let mut head = Vec::new();
+    // SAFETY: the request's pending output chain (the head nginx postponed, or what it
+    // could not write yet), memory buffers of its pool
+    unsafe {
+        let mut cl = r.out;
+        while !cl.is_null() {
+            let b = &*(*cl).buf;
+            if b.in_file() == 0 && !b.pos.is_null() {
+                let n = b.last.offset_from(b.pos);
+                if n > 0 {
+                    head.extend_from_slice(core::slice::from_raw_parts(b.pos, n as usize));
+                }
+            }
+            cl = (*cl).next;
+        }
+        r.out = ptr::null_mut();
+        let c = &mut *r.connection;
+        c.set_buffered(c.buffered() & !nginx_sys::NGX_HTTP_WRITE_BUFFERED);
+    }
+    Ok(head)
+}
+
 /// `streaming` and `eventsource`: channel errors are plain HTTP answers.
 fn subscribe_stream(r: &mut ngx_http_request_t, eventsource: bool) -> Result<ngx_int_t, ngx_int_t> {
     if r.http_version >= nginx_sys::NGX_HTTP_VERSION_20 as usize {
@@ -230,7 +289,13 @@ fn subscribe_stream(r: &mut ngx_http_request_t, eventsource: bool) -> Result<ngx
         Ok(list) => list,
         Err(e) => return Ok(http::send_explain(r, e.status().into(), &e.to_string())),
     };
-    let chunked = r.http_version >= nginx_sys::NGX_HTTP_VERSION_11 as usize;
+    // as nginx's chunked filter will decide for the head
+    // SAFETY: the core module's location conf always exists, as long as the configuration
+    let chunked_on = unsafe {
+        let req = ngx::http::Request::from_ngx_http_request(r);
+        NgxHttpCoreModule::location_conf(req).is_some_and(|c| c.chunked_transfer_encoding != 0)
+    };
+    let chunked = r.http_version >= nginx_sys::NGX_HTTP_VERSION_11 as usize && chunked_on;
     let padding = padding_rule(r);
     start(r, channels, None, Framing::Stream { eventsource, chunked, padding })
 }
@@ -565,13 +630,13 @@ impl Subscriber {
     fn open(&mut self) -> Result<(), ()> {
         // SAFETY: the request is alive and its header not sent yet
         let r = unsafe { &mut *self.r };
-        // push-stream's head, written as it is (no other header applies to an upgrade or
-        // a stream); the request still logs its status
-        r.set_header_sent(1);
         r.set_keepalive(0);
         let mut refusal = None;
         match self.framing {
             Framing::WebSocket => {
+                // push-stream's head, written as it is (no other header applies to an
+                // upgrade); the request still logs its status
+                r.set_header_sent(1);
                 r.headers_out.status = nginx_sys::NGX_HTTP_SWITCHING_PROTOCOLS as _;
                 let hs = self.handshake.take().ok_or(())?;
                 let explain = hs.refusal.as_ref().map(|(_, e)| e.as_str());
@@ -579,18 +644,10 @@ impl Subscriber {
                 refusal = hs.refusal;
             }
             Framing::Stream { eventsource, chunked, .. } => {
-                r.headers_out.status = nginx_sys::NGX_HTTP_OK as _;
-                let content_type = if eventsource {
-                    String::from("text/event-stream; charset=utf-8")
-                } else {
-                    // the location's type, as nginx picks it (types, default_type)
-                    // SAFETY: the request is alive
-                    unsafe { nginx_sys::ngx_http_set_content_type(r) };
-                    String::from_utf8_lossy(r.headers_out.content_type.as_bytes()).into_owned()
-                };
-                let origin = http::allowed_origin(r);
-                let head = stream::response_head(&content_type, chunked, origin.as_deref());
-                self.out.push(Rc::from(head));
+                let head = stream_head(r, eventsource, chunked)?;
+                if !head.is_empty() {
+                    self.out.push(Rc::from(head));
+                }
             }
         }
         self.state = State::Open;
