@@ -174,6 +174,10 @@ my $conf = $t->read_file('nginx.conf');
 $conf =~ s/(push_stream_postgres ")/push_stream_shared_memory_size 20m;\n    $1/;
 $t->write_file('nginx.conf', $conf);
 $t->reload();
+for (1 .. 50) {
+	last if $t->read_file('error.log') =~ /Cannot change memory area size/;
+	sleep 0.1;
+}
 like($t->read_file('error.log'),
 	qr/\[warn\].*Cannot change memory area size without restart, ignoring change on zone: push_stream_module/,
 	'a new zone size needs a restart: nginx says so');

@@ -602,6 +602,11 @@ impl Transport for Subscriber {
     }
 
     fn going_away(&mut self) {
+        if self.state == State::Handshake && !self.r.is_null() && self.open().is_err() {
+            // still waiting for its LISTENs: answered all the same (push-stream answers at
+            // once), then ended as the others
+            self.state = State::Dead;
+        }
         if self.state == State::Open {
             self.start_close(Some(close::GOING_AWAY), "");
             self.write_queued();
