@@ -117,6 +117,16 @@ impl Recent {
                     .map(|m| (**m).clone())
                     .collect()
             }
+            Since::Position { epoch, offset } => {
+                // the cache must hold the position's successor, in the same epoch
+                if first.epoch != *epoch || first.offset > offset + 1 || !kept(&first) {
+                    return None;
+                }
+                if *offset > last {
+                    return None;
+                }
+                self.messages.iter().filter(|m| m.offset > *offset).map(|m| (**m).clone()).collect()
+            }
             Since::After { .. } => return None,
         };
         Some(answer)
@@ -166,6 +176,12 @@ mod tests {
         assert_eq!(offsets(r.answer(&t(108, 1), at, ALL)), Some(vec![9, 10]));
         assert_eq!(offsets(r.answer(&t(104, 0), at, ALL)), None);
         assert_eq!(offsets(r.answer(&t(110, 1), at, ALL)), Some(vec![]));
+        let p = |epoch, offset| Since::Position { epoch, offset };
+        assert_eq!(offsets(r.answer(&p(7, 8), at, ALL)), Some(vec![9, 10]));
+        assert_eq!(offsets(r.answer(&p(7, 4), at, ALL)), Some(vec![5, 6, 7, 8, 9, 10]));
+        assert_eq!(offsets(r.answer(&p(7, 3), at, ALL)), None, "4 is not here");
+        assert_eq!(offsets(r.answer(&p(6, 8), at, ALL)), None, "another epoch: a gap to tell");
+        assert_eq!(offsets(r.answer(&p(7, 10), at, ALL)), Some(vec![]));
         // a cache that does not end at the worker's position answers nothing
         assert_eq!(offsets(r.answer(&Since::Backtrack(1), (7, 11), ALL)), None);
         // expired messages are not answered from the cache
@@ -173,6 +189,18 @@ mod tests {
         assert_eq!(offsets(r.answer(&Since::Backtrack(3), at, ttl)), Some(vec![8, 9, 10]));
         // offset 7 expired: PostgreSQL knows what is kept
         assert_eq!(offsets(r.answer(&Since::Backtrack(4), at, ttl)), None);
+    }
+
+    #[test]
+    fn a_last_event_id_is_a_position_or_an_event_id() {
+        assert_eq!(
+            Since::from_last_event_id(b"1764:12"),
+            Since::Position { epoch: 1764, offset: 12 }
+        );
+        assert_eq!(Since::from_last_event_id(b"e7"), Since::EventId("e7".into()));
+        assert_eq!(Since::from_last_event_id(b"1:x"), Since::EventId("1:x".into()));
+        assert_eq!(Since::from_last_event_id(b":3"), Since::EventId(":3".into()));
+        assert_eq!(Since::from_last_event_id(b"1:2:3"), Since::EventId("1:2:3".into()));
     }
 
     #[test]

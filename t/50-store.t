@@ -31,7 +31,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(43);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(52);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -76,6 +76,13 @@ http {
             push_stream_subscriber polling;
             push_stream_channels_path \$arg_id;
             push_stream_message_template "~id~:~text~";
+        }
+
+        location /pollpos {
+            default_type text/plain;
+            push_stream_subscriber polling;
+            push_stream_channels_path \$arg_id;
+            push_stream_message_template "~epoch~:~id~:~text~;";
         }
 
         location /poll_args {
@@ -335,6 +342,29 @@ is($pg->query("SELECT count(*) FROM pgpush.messages WHERE channel = 'news'")->[0
 	'and no rows');
 pub('news', 'again');
 is(body(http_get('/poll?id=news.b5')), '1:again', 'and numbers its messages from 1 again');
+
+# a position (epoch, offset), ~epoch~:~id~ in a template, resumes as Last-Event-ID
+pub('pos', $_) for qw/a b c/;
+my ($epoch) = body(http_get('/pollpos?id=pos.b3')) =~ /^(\d+):1:a;/;
+ok($epoch, '~epoch~ is the channel\'s epoch');
+sub from_position {
+	my ($ch, $position) = @_;
+	return http("GET /pollpos?id=$ch HTTP/1.0\r\nHost: localhost\r\nLast-Event-ID: $position\r\n\r\n");
+}
+is(body(from_position('pos', "$epoch:1")), "$epoch:2:b;$epoch:3:c;", 'Last-Event-ID EPOCH:OFFSET: what follows it');
+like(from_position('pos', "$epoch:3"), qr/^HTTP\/1\.1 304/, 'nothing after the newest');
+my $other = from_position('pos', ($epoch - 1) . ':1');
+like($other, qr/^X-Pgpush-Gap: 1\r$/m, 'a position of another epoch: told it is a gap');
+is(body($other), "$epoch:-4:;$epoch:1:a;$epoch:2:b;$epoch:3:c;", 'then the whole history of this epoch');
+like(http("DELETE /pub?id=pos HTTP/1.0\nHost: localhost\n\n"), qr/^HTTP\/1\.1 200/, 'DELETE resets the history');
+pub('pos', 'new');
+my $reset = from_position('pos', "$epoch:3");
+my ($new) = body($reset) =~ /^(\d+):-4:;/;
+ok($new && $new != $epoch, 'an old position after a reset: a gap, in the new epoch');
+is(body($reset), "$new:-4:;$new:1:new;", 'then what the new epoch has');
+# an event id that is not kept on a channel that lost messages may have been one of them
+my $unknown = http("GET /poll?id=race HTTP/1.0\r\nHost: localhost\r\nLast-Event-ID: nope\r\n\r\n");
+is(body($unknown), '-4:', 'an unknown event id where messages were deleted: the gap alone');
 
 # a channel this worker delivers: resumes are answered from its recent messages
 my $hot = start_get('/sub?id=hot');

@@ -630,6 +630,7 @@ pub fn stored_values<'a>(m: &'a store::Stored, channel: &'a str, time: &'a str) 
         tag: m.tag.max(0) as u64,
         event_id: m.event_id.as_deref().unwrap_or_default(),
         event_type: m.event_type.as_deref().unwrap_or_default(),
+        epoch: m.epoch,
     }
 }
 
@@ -662,7 +663,7 @@ pub fn resume_points(r: &mut ngx_http_request_t, backtracks: &[u32]) -> Vec<Opti
     }
     let lcf = http::loc_conf(r);
     let shared = match http::position_value(r, lcf.last_event_id, "Last-Event-ID") {
-        Some(id) => Some(Since::EventId(String::from_utf8_lossy(&id).into_owned())),
+        Some(id) => Some(Since::from_last_event_id(&id)),
         None => match http::position(r) {
             (time, tag) if time >= 0 => {
                 Some(Since::Time { second: time, tag: tag.unwrap_or(0) as i64 })
@@ -879,6 +880,7 @@ pub fn deliver(channel: &str, payload: &str) {
                 tag,
                 event_id,
                 event_type,
+                epoch: st.epoch,
             };
             fan_out(&keys, &values);
         }

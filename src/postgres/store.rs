@@ -43,6 +43,24 @@ pub enum Since {
     /// Messages after this offset of this epoch (a worker catching up on a channel); rows
     /// of another epoch come back too, so the reader can tell that the history was reset.
     After { epoch: i64, offset: i64 },
+    /// A client's position (`Last-Event-ID: EPOCH:OFFSET`): the messages after it, led by
+    /// [`gap`] when some are gone (deleted, expired, or the history was reset since).
+    Position { epoch: i64, offset: i64 },
+}
+
+impl Since {
+    /// A `Last-Event-ID` (or `push_stream_last_event_id`) value: `EPOCH:OFFSET` is a
+    /// position in the store, anything else an event id.
+    pub fn from_last_event_id(value: &[u8]) -> Self {
+        let text = String::from_utf8_lossy(value);
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if let Some((e, o)) = text.split_once(':').filter(|(e, o)| digits(e) && digits(o)) {
+            if let (Ok(epoch), Ok(offset)) = (e.parse(), o.parse()) {
+                return Since::Position { epoch, offset };
+            }
+        }
+        Since::EventId(text.into_owned())
+    }
 }
 
 /// A stored message, as history gives it.
@@ -81,6 +99,7 @@ pub struct Statements {
     positions: Statement,
     reset: Statement,
     oldest: Statement,
+    has_event: Statement,
 }
 
 /// The install script for `schema`: the shipped file with every `pgpush.` renamed.
@@ -136,11 +155,18 @@ impl Statements {
         let reset = client.prepare(&format!("SELECT {s}.reset($1::text)")).await?;
         let oldest = client
             .prepare(&format!(
-                "SELECT greatest(first_offset, last_offset - coalesce($2::bigint, last_offset) + 1) \
+                "SELECT greatest(first_offset, last_offset - coalesce($2::bigint, last_offset) + 1), \
+                        epoch, last_offset \
                  FROM {s}.channels WHERE channel = $1::text"
             ))
             .await?;
-        Ok(Self { publish, history, clean, positions, reset, oldest })
+        let has_event = client
+            .prepare(&format!(
+                "SELECT EXISTS (SELECT 1 FROM {s}.kept($1::text, $2::bigint, \
+                 make_interval(secs => $3::float8)) k WHERE k.event_id = $4::text)"
+            ))
+            .await?;
+        Ok(Self { publish, history, clean, positions, reset, oldest, has_event })
     }
 
     /// Publishes through the store, in order; the number of messages each channel keeps
@@ -205,7 +231,7 @@ impl Statements {
                 by_event = Some(1);
                 event = Some(e.clone());
             }
-            Since::After { epoch: e, offset } => {
+            Since::After { epoch: e, offset } | Since::Position { epoch: e, offset } => {
                 after = Some(*offset);
                 epoch = *e;
             }
@@ -247,16 +273,64 @@ impl Statements {
                 }
             })
             .collect();
-        if let (Since::Time { .. }, Some(first)) = (since, list.first()) {
-            let oldest: Option<i64> = client
-                .query_opt(&self.oldest, &[&channel, &cfg.max_stored])
-                .await?
-                .and_then(|r| r.get(0));
-            if first.offset > 1 && oldest == Some(first.offset) {
-                list.insert(0, gap(first.epoch));
+        let missed = match (since, list.first()) {
+            (Since::Time { .. }, Some(first)) => {
+                let (oldest, _) = self.extent(client, cfg, channel).await?;
+                first.offset > 1 && oldest == Some(first.offset)
             }
+            // a position tells exactly what follows it: anything else is a gap
+            (Since::Position { epoch, offset }, Some(first)) => {
+                first.epoch != *epoch || first.offset > offset + 1
+            }
+            (Since::Position { epoch, offset }, None) => {
+                match self.extent(client, cfg, channel).await? {
+                    (_, Some((e, last))) => e != *epoch || last > *offset,
+                    // a channel the store does not know: its history is gone if it had any
+                    (_, None) => *offset > 0,
+                }
+            }
+            // an event id that is not kept, on a channel that lost messages: it may have
+            // been one of them (push-stream gives nothing old)
+            (Since::EventId(_), None) => {
+                let (oldest, _) = self.extent(client, cfg, channel).await?;
+                oldest.is_some_and(|o| o > 1)
+                    && !self.has_event(client, cfg, channel, since).await?
+            }
+            _ => false,
+        };
+        if missed {
+            let epoch = match list.first() {
+                Some(m) => m.epoch,
+                None => self.extent(client, cfg, channel).await?.1.map_or(0, |(e, _)| e),
+            };
+            list.insert(0, gap(epoch));
         }
         Ok(list)
+    }
+
+    /// A channel's oldest kept offset, and its (epoch, last offset), if the store has it.
+    async fn extent(
+        &self,
+        client: &Client,
+        cfg: &StoreConfig,
+        channel: &str,
+    ) -> Result<(Option<i64>, Option<(i64, i64)>), tokio_postgres::Error> {
+        let row = client.query_opt(&self.oldest, &[&channel, &cfg.max_stored]).await?;
+        Ok(row.map_or((None, None), |r| (r.get(0), Some((r.get(1), r.get(2))))))
+    }
+
+    /// Whether a kept message of the channel has the event id `since` names.
+    async fn has_event(
+        &self,
+        client: &Client,
+        cfg: &StoreConfig,
+        channel: &str,
+        since: &Since,
+    ) -> Result<bool, tokio_postgres::Error> {
+        let Since::EventId(id) = since else { return Ok(false) };
+        let ttl = cfg.ttl.as_secs_f64();
+        let row = client.query_one(&self.has_event, &[&channel, &cfg.max_stored, &ttl, id]).await?;
+        Ok(row.get(0))
     }
 
     /// Where these channels stand now: (channel, epoch, last offset), for those the store

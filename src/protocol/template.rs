@@ -1,5 +1,6 @@
 //! push-stream message templates: `~text~ ~channel~ ~id~ ~time~ ~tag~ ~size~ ~event-id~
-//! ~event-type~`, parsed once at configuration time and rendered per message.
+//! ~event-type~`, and pgpush's `~epoch~` (a stored message's channel epoch), parsed once at
+//! configuration time and rendered per message.
 
 /// A placeholder of a template.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -12,6 +13,7 @@ pub enum Field {
     Size,
     EventId,
     EventType,
+    Epoch,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,6 +40,8 @@ pub struct Values<'a> {
     pub tag: u64,
     pub event_id: &'a str,
     pub event_type: &'a str,
+    /// The channel's epoch, for a stored message; 0 otherwise.
+    pub epoch: i64,
 }
 
 impl Template {
@@ -51,6 +55,7 @@ impl Template {
             (b"~size~", Field::Size),
             (b"~event-id~", Field::EventId),
             (b"~event-type~", Field::EventType),
+            (b"~epoch~", Field::Epoch),
         ];
         let mut parts = Vec::new();
         let mut lit = Vec::new();
@@ -95,6 +100,7 @@ impl Template {
                 Part::Field(Field::Id) => out.extend_from_slice(v.id.to_string().as_bytes()),
                 Part::Field(Field::Time) => out.extend_from_slice(v.time.as_bytes()),
                 Part::Field(Field::Tag) => out.extend_from_slice(v.tag.to_string().as_bytes()),
+                Part::Field(Field::Epoch) => out.extend_from_slice(v.epoch.to_string().as_bytes()),
                 Part::Field(Field::Size) => {
                     out.extend_from_slice(v.text.len().to_string().as_bytes())
                 }
@@ -126,8 +132,10 @@ mod tests {
             tag: 2,
             event_id: "e1",
             event_type: "greeting",
+            epoch: 1764000000000,
         };
         assert_eq!(render("~text~", &v), "hello");
+        assert_eq!(render("~epoch~:~id~", &v), "1764000000000:7");
         assert_eq!(
             render("{\"id\":~id~,\"channel\":\"~channel~\",\"text\":\"~text~\"}", &v),
             "{\"id\":7,\"channel\":\"news\",\"text\":\"hello\"}"
