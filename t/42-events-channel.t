@@ -24,7 +24,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(16);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(18);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -109,6 +109,16 @@ is(join(' ', map { $ev->payload } 1 .. 2),
 	'client_unsubscribed|events|{"type": "client_unsubscribed", "channel": "held"} '
 	. 'channel_destroyed|events|{"type": "channel_destroyed", "channel": "held"}',
 	'its subscriber is unsubscribed, then the channel destroyed');
+
+# a subscriber of the events channel and a new one: the channel is created before it is
+# subscribed, so it hears of its subscription only (push-stream's order)
+my $both = PgPush::WS->connect('/ev?id=events/fresh');
+is($both->payload, 'client_subscribed|events|{"type": "client_subscribed", "channel": "fresh"}',
+	'a subscriber does not hear of the creation of its own channel');
+is(join(' ', map { $ev->payload } 1 .. 2),
+	'channel_created|events|{"type": "channel_created", "channel": "fresh"} '
+	. 'client_subscribed|events|{"type": "client_subscribed", "channel": "fresh"}',
+	'the others do');
 
 publish('idle', 'x');
 is($ev->payload, 'channel_created|events|{"type": "channel_created", "channel": "idle"}', 'another channel');

@@ -5,6 +5,7 @@
 //! hear about every node's channels.
 
 use crate::nginx::{http, worker, zone};
+use crate::protocol::template::Values;
 use crate::protocol::{channels, payload};
 
 #[derive(Clone, Copy, Debug)]
@@ -35,6 +36,18 @@ pub fn channel() -> Option<&'static [u8]> {
 /// Whether `id` is the events channel.
 pub fn is_events_channel(id: &[u8]) -> bool {
     channel() == Some(id)
+}
+
+/// The channel a message tells the creation of, if it is the events channel's
+/// `channel_created`.
+pub fn created(message: &Values<'_>) -> Option<String> {
+    if message.event_type != Event::ChannelCreated.name()
+        || !is_events_channel(message.channel.as_bytes())
+    {
+        return None;
+    }
+    let event = serde_json::from_slice::<serde_json::Value>(message.text).ok()?;
+    Some(event.get("channel")?.as_str()?.to_string())
 }
 
 /// Publishes the event about channel `id` (nothing about the events channel itself).

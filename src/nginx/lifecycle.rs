@@ -1012,6 +1012,10 @@ pub fn fan_out(keys: &[SubKey], message: &Values<'_>) {
     let prefix_len = worker::with(|w| w.prefix.len()).unwrap_or(0);
     let mut encoded: Vec<(Encoding, Rc<[u8]>)> = Vec::with_capacity(1);
     let mut dirty = Vec::new();
+    // push-stream creates a subscriber's channels before it subscribes it, and a channel
+    // exists while it has subscribers: nobody hears of the creation of a channel it is
+    // subscribed to
+    let created = events::created(message);
     for &key in keys {
         // SAFETY: keys listed in the hub are live
         let t = unsafe { key.get() };
@@ -1030,6 +1034,12 @@ pub fn fan_out(keys: &[SubKey], message: &Values<'_>) {
             }
         };
         let sub = t.subscription();
+        if created
+            .as_deref()
+            .is_some_and(|c| sub.channels.iter().any(|(ch, _)| id_of(ch, prefix_len) == c))
+        {
+            continue;
+        }
         if sub.waiting > 0 {
             let resume = sub.resume.get_or_insert_with(|| {
                 Box::new(Resume { since: Vec::new(), reading: None, held: Vec::new() })
