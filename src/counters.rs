@@ -64,6 +64,21 @@ struct Header {
     /// When a worker last dropped idle channels (one sweep serves every worker).
     swept: u64,
     workers: [WorkerSlot; MAX_WORKERS],
+    /// LISTENs sent and not confirmed yet, by channel name hash and worker.
+    pending: [PendingListen; PENDING_LISTENS],
+}
+
+/// LISTENs in flight that the zone tracks: they take a few milliseconds each, so few are
+/// ever in flight at once; past this many, publishers do not wait for them.
+const PENDING_LISTENS: usize = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PendingListen {
+    hash: u32,
+    /// 0: a free entry.
+    count: u16,
+    worker: u16,
 }
 
 #[repr(C)]
@@ -793,9 +808,48 @@ impl Counters {
     /// A worker is leaving: its slot and whatever it still counted are freed.
     pub fn release_worker(&mut self, worker: u16) {
         self.drop_shares(worker);
+        self.listens_dropped(worker);
         if let Some(w) = unsafe { self.header() }.workers.get_mut(worker as usize) {
             *w = WorkerSlot::default();
         }
+    }
+
+    /// A worker sent a LISTEN for this PostgreSQL channel name.
+    pub fn listen_started(&mut self, name: &[u8], worker: u16) {
+        let hv = hash(name);
+        let pending = &mut unsafe { self.header() }.pending;
+        if let Some(p) =
+            pending.iter_mut().find(|p| p.count > 0 && p.hash == hv && p.worker == worker)
+        {
+            p.count = p.count.saturating_add(1);
+        } else if let Some(p) = pending.iter_mut().find(|p| p.count == 0) {
+            *p = PendingListen { hash: hv, count: 1, worker };
+        }
+    }
+
+    /// The worker's LISTEN for this name is confirmed.
+    pub fn listen_done(&mut self, name: &[u8], worker: u16) {
+        let hv = hash(name);
+        let pending = &mut unsafe { self.header() }.pending;
+        if let Some(p) =
+            pending.iter_mut().find(|p| p.count > 0 && p.hash == hv && p.worker == worker)
+        {
+            p.count -= 1;
+        }
+    }
+
+    /// The worker's connection was lost (or the worker left): none of its LISTENs is in
+    /// flight any more.
+    pub fn listens_dropped(&mut self, worker: u16) {
+        let pending = &mut unsafe { self.header() }.pending;
+        pending.iter_mut().filter(|p| p.worker == worker).for_each(|p| p.count = 0);
+    }
+
+    /// Whether some worker of the node waits for its LISTEN on this name (or one with the
+    /// same hash): a message notified now could miss its subscriber.
+    pub fn listen_pending(&self, name: &[u8]) -> bool {
+        let hv = hash(name);
+        unsafe { self.header() }.pending.iter().any(|p| p.count > 0 && p.hash == hv)
     }
 
     /// Frees the slots of workers that died without releasing them; returns how many.
@@ -1016,6 +1070,24 @@ mod tests {
         assert!(c.leave(b"x", w, 0, true), "the last one");
         c.published(b"y", false, 0, true);
         assert_eq!(c.delete(b"y"), Some(true), "no subscriber: gone at once");
+    }
+
+    #[test]
+    fn pending_listens() {
+        let (_m, mut c) = region(64 * 1024);
+        assert!(!c.listen_pending(b"a"));
+        c.listen_started(b"a", 0);
+        c.listen_started(b"a", 1);
+        assert!(c.listen_pending(b"a") && !c.listen_pending(b"b"));
+        c.listen_done(b"a", 0);
+        assert!(c.listen_pending(b"a"), "worker 1's is still in flight");
+        c.listens_dropped(1);
+        assert!(!c.listen_pending(b"a"));
+        for k in 0..100u32 {
+            c.listen_started(&k.to_be_bytes(), 0);
+        }
+        assert!(c.listen_pending(&5u32.to_be_bytes()));
+        c.listen_done(b"zz", 0);
     }
 
     #[test]

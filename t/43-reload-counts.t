@@ -27,7 +27,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(18);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(19);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -119,6 +119,26 @@ sub read_all {
 	}
 	return $buf;
 }
+
+# a long-poll admitted on a new channel (its worker's LISTEN may still be in flight: the
+# publish waits for it)
+# gets a message published right then, from either worker
+my $got = 0;
+for my $k (1 .. 20) {
+	my $lp = stream("/lp?id=fresh$k");
+	for (1 .. 100) {
+		last if http_get("/stats?id=fresh$k") =~ /"subscribers": 1/;
+		sleep 0.005;
+	}
+	publish("fresh$k", "m$k");
+	my ($buf, $end) = ('', time + 3);
+	while ($buf !~ /m$k/ && time < $end) {
+		last unless IO::Select->new($lp)->can_read($end - time);
+		$lp->sysread($buf, 4096, length $buf) or last;
+	}
+	$got++ if $buf =~ /m$k/;
+}
+is($got, 20, 'a long-poll admitted on a new channel gets what is published right after, from either worker');
 
 my @ws = map { PgPush::WS->connect("/ws?id=r$_") } 1 .. 20;
 my @st = map { stream("/sub?id=r$_") } 1 .. 5;

@@ -3,7 +3,7 @@
 
 use nginx_sys::{ngx_connection_t, ngx_event_t};
 
-use crate::nginx::{lifecycle, worker};
+use crate::nginx::{lifecycle, worker, zone};
 use crate::postgres::Event;
 
 /// Events handled per wakeup before yielding back to the event loop.
@@ -57,6 +57,7 @@ fn handle(e: Event) {
         }
         Event::Positions(list) => lifecycle::positions(list),
         Event::Listening(names) => {
+            names.iter().for_each(|n| zone::listen_done(n.as_bytes()));
             let channels: Vec<String> =
                 worker::with(|w| names.iter().flat_map(|n| w.channels_of(n)).collect())
                     .unwrap_or_default();
@@ -81,8 +82,13 @@ fn handle(e: Event) {
             }
         }
         // what was published while the connection was down is gone: say so
-        Event::Connected { relistened: true } => lifecycle::gap(),
-        Event::Connected { relistened: false } | Event::Disconnected => {}
+        Event::Connected { relistened } => {
+            zone::listens_dropped();
+            if relistened {
+                lifecycle::gap();
+            }
+        }
+        Event::Disconnected => zone::listens_dropped(),
     }
 }
 

@@ -179,6 +179,12 @@ fn publish(r: &mut ngx_http_request_t) -> Option<ngx_int_t> {
         return Some(published(r, &ids));
     }
 
+    if each.iter().any(|(pg, _)| zone::listen_pending(channels::listen_name(pg).as_bytes()))
+        && wait_for_listens(r)
+    {
+        return None;
+    }
+
     let rp = ptr::from_mut(r);
     let pending = Rc::new(RefCell::new(Pending { r: rp, ids, out: Vec::new(), failed: None }));
     for (k, (pg, notified)) in each.into_iter().enumerate() {
@@ -201,6 +207,45 @@ fn publish(r: &mut ngx_http_request_t) -> Option<ngx_int_t> {
         (*cln).handler = Some(forget);
     }
     None
+}
+
+/// How long a publish waits, at most, for LISTENs in flight on its channels.
+const LISTEN_WAIT_MS: i64 = 250;
+/// How often it looks again.
+const LISTEN_RECHECK_MS: nginx_sys::ngx_msec_t = 2;
+
+/// A subscriber of this node was admitted to one of the channels and its worker's LISTEN
+/// is not confirmed yet: a notification now could miss it, where push-stream (one shared
+/// memory) would deliver. The publish waits for it, a bounded while from the request's
+/// start; whether it does.
+fn wait_for_listens(r: &mut ngx_http_request_t) -> bool {
+    // SAFETY: nginx's cached time is always set
+    let (sec, msec) =
+        unsafe { ((*nginx_sys::ngx_cached_time).sec, (*nginx_sys::ngx_cached_time).msec) };
+    let waited = (sec - r.start_sec) * 1000 + (msec as i64 - r.start_msec as i64);
+    if waited >= LISTEN_WAIT_MS {
+        return false;
+    }
+    r.write_event_handler = Some(listens_rechecked);
+    // SAFETY: the request's connection, alive while the request waits
+    unsafe { nginx_sys::ngx_add_timer((*r.connection).write, LISTEN_RECHECK_MS) };
+    true
+}
+
+/// The request's write handler while it waits for LISTENs: its timer looks again.
+extern "C" fn listens_rechecked(r: *mut ngx_http_request_t) {
+    // SAFETY: nginx calls this with a live request whose connection is alive
+    let req = unsafe { &mut *r };
+    let wev = unsafe { &mut *(*req.connection).write };
+    if wev.timedout() == 0 {
+        return;
+    }
+    wev.set_timedout(0);
+    req.write_event_handler = Some(nginx_sys::ngx_http_request_empty_handler);
+    if let Some(rc) = publish(req) {
+        // SAFETY: as in on_body: the publish owns the request's finalization
+        unsafe { nginx_sys::ngx_http_finalize_request(r, rc) };
+    }
 }
 
 fn forget_all(pending: &Rc<RefCell<Pending>>) {

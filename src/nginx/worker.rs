@@ -298,6 +298,8 @@ impl Worker {
             }
         }
         if let Some(side) = &self.side {
+            // publishers of this node wait for it (see the publisher)
+            crate::nginx::zone::listen_started(name.as_bytes());
             side.send(Command::Listen(name));
         }
     }

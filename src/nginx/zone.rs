@@ -342,6 +342,26 @@ pub fn summary() -> Summary {
     .unwrap_or_default()
 }
 
+/// This worker sent a LISTEN for this PostgreSQL channel name.
+pub fn listen_started(name: &[u8]) {
+    locked(|c, w, _| c.listen_started(name, w));
+}
+
+/// This worker's LISTEN for this name is confirmed.
+pub fn listen_done(name: &[u8]) {
+    locked(|c, w, _| c.listen_done(name, w));
+}
+
+/// This worker's connection is lost or back: no LISTEN of its is in flight.
+pub fn listens_dropped() {
+    locked(|c, w, _| c.listens_dropped(w));
+}
+
+/// Whether a worker of this node waits for its LISTEN on this name.
+pub fn listen_pending(name: &[u8]) -> bool {
+    locked(|c, _, _| c.listen_pending(name)).unwrap_or(false)
+}
+
 /// Deletes the channel: `None` if it does not exist, else whether it had no subscriber.
 pub fn delete(id: &[u8]) -> Option<bool> {
     locked(|c, _, _| c.delete(id)).flatten()
