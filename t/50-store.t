@@ -294,7 +294,11 @@ my $pid = fork();
 if ($pid == 0) {
 	my $p = DBI->connect('dbi:Pg:host=127.0.0.1;port=' . $pg->port . ';dbname=postgres',
 		'postgres', '', { RaiseError => 1, AutoCommit => 1 });
-	$p->do("SELECT pgpush.publish('race', ?)", undef, "r$_") for 1 .. 200;
+	# spread over about a second, so that the subscriber joins mid-stream
+	for (1 .. 200) {
+		$p->do("SELECT pgpush.publish('race', ?)", undef, "r$_");
+		select(undef, undef, undef, 0.004);
+	}
 	$p->disconnect;
 	POSIX::_exit(0);
 }
