@@ -322,6 +322,7 @@ for my $c (@subs) {
 is($told, 4, 'reload: every subscriber of the old workers got 1001');
 ok(wait_log($t, qr/gracefully shutting down/, 2), 'old workers shut down');
 ok($pg->wait_sessions(2), 'two side connections after the reload, not four');
+$pg->mark();
 $s = PgPush::WS->connect('/ws?id=reload');
 ok($pg->wait_query(qr/LISTEN "reload"/, 1), 'a new worker listens');
 $pg->notify('reload', 'new workers');

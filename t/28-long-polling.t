@@ -161,7 +161,7 @@ $s = start_get('/lp?id=gone');
 sleep(0.3);
 close $s;
 sleep(1);
-unlike(join('|', map { $_->[2] // '' } @{$pg->sessions()}), qr/UNLISTEN "gone"/,
+unlike(join('|', map { $_->[1] } @{$pg->logged()}), qr/UNLISTEN "gone"/,
 	'a dropped poll\'s channel lingers a moment');
 ok($pg->wait_query(qr/UNLISTEN "gone"/, 1, 10), 'then nobody polls it: UNLISTEN');
 

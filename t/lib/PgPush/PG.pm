@@ -27,10 +27,15 @@ sub root {
 	return $dir;
 }
 
+# Every statement goes to the server log, prefixed with the session's pid and application
+# name, so that a test can see a statement even when the session has run another since.
+our $LOG_OPTS = '-c log_statement=all -c log_line_prefix=%p/%a:';
+
 sub start {
 	my ($class) = @_;
 	my $dir = tempdir('pgpush-pg-XXXXXXXX', TMPDIR => 1);
 	my $pg = root() . '/scripts/pg';
+	local $ENV{PGPUSH_PG_OPTS} = $LOG_OPTS;
 	my $conninfo = `$pg start $dir`;
 	die "scripts/pg start failed\n" if $? != 0;
 	chomp $conninfo;
@@ -90,14 +95,34 @@ sub wait_sessions {
 	return 0;
 }
 
-# Waits until at least $count side connections (default 1) last ran a statement matching
-# $re, for up to $seconds (default 5); says what they ran if that never happens.
+# Forgets the statements logged so far: wait_query then sees only those that come after.
+sub mark {
+	my ($self) = @_;
+	$self->{mark} = -s "$self->{dir}/postgres.log" // 0;
+	return $self;
+}
+
+# The statements pgpush side connections ran since the mark, from the server log, as
+# [pid, statement].
+sub logged {
+	my ($self) = @_;
+	open(my $fh, '<', "$self->{dir}/postgres.log") or return [];
+	seek($fh, $self->{mark} // 0, 0);
+	my @rows;
+	while (my $line = <$fh>) {
+		push @rows, [$1, $2] if $line =~ m!^(\d+)/pgpush:LOG:  statement: (.*)$!;
+	}
+	return \@rows;
+}
+
+# Waits until at least $count side connections (default 1) ran a statement matching $re
+# since the mark, for up to $seconds (default 5); says what they ran if that never happens.
 sub wait_query {
 	my ($self, $re, $count, $seconds) = @_;
 	$count //= 1;
 	for (1 .. 10 * ($seconds // 5)) {
-		my $rows = eval { $self->sessions() } || [];
-		return 1 if grep({ ($_->[2] // '') =~ $re } @$rows) >= $count;
+		my %pids = map { $_->[0] => 1 } grep { $_->[1] =~ $re } @{$self->logged()};
+		return 1 if keys(%pids) >= $count;
 		Time::HiRes::sleep(0.1);
 	}
 	my $rows = eval { $self->sessions() } || [];
@@ -114,6 +139,7 @@ sub terminate_sessions {
 sub restart {
 	my ($self) = @_;
 	delete $self->{dbh};
+	local $ENV{PGPUSH_PG_OPTS} = $LOG_OPTS;
 	system($self->{script}, 'restart', $self->{dir}) == 0 or die "scripts/pg restart failed\n";
 	return $self;
 }
