@@ -25,7 +25,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(50);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(56);
 
 $t->write_file_expand('nginx.conf', <<'EOF');
 
@@ -64,6 +64,11 @@ http {
             push_stream_subscriber websocket;
             push_stream_channels_path $arg_id;
             push_stream_message_template "~time~|~event-type~|~event-id~|~tag~|~text~";
+        }
+
+        location /stats {
+            push_stream_channels_statistics;
+            push_stream_channels_path $arg_id;
         }
 
         location /polling {
@@ -218,6 +223,39 @@ is(fail_code(PgPush::WS->frame(opcode => 1, payload => 'x', rsv => 4)), 1002,
 	'reserved bit set: 1002');
 is(fail_code(PgPush::WS->frame(opcode => 9, payload => 'p' x 126)), 1002,
 	'control frame over 125 bytes: 1002');
+
+# a failing connection leaves its channel as its close frame goes out, and the server
+# ends it without waiting for the client's close frame
+$ws = PgPush::WS->connect('/ws?id=failing');
+like(http_get('/stats?id=failing'), qr/"subscribers": 1\b/, 'a subscriber is counted');
+$ws->raw(PgPush::WS->frame(opcode => 1, payload => 'plain', mask => 0));
+($code) = PgPush::WS->close_status($ws->read_frame(3));
+is($code, 1002, 'it fails');
+unlike(http_get('/stats?id=failing'), qr/"subscribers": [1-9]/,
+	'and is no longer counted, its client still connected');
+ok($ws->eof(3), 'the server ends the connection without waiting for the client');
+
+# a message over the limit while the client still sends it: the server drains the rest,
+# so the client reads the close code, not a reset
+{
+	local $SIG{PIPE} = 'IGNORE';
+	local $SIG{ALRM} = sub { die "timed out sending\n" };
+	alarm(30);
+	my $big = PgPush::WS->connect('/ws?id=huge');
+	my $bytes = PgPush::WS->frame(opcode => 1, payload => 'x' x (4 * 1024 * 1024));
+	my $sent = 0;
+	while ($sent < length $bytes) {
+		my $n = $big->raw(substr($bytes, $sent, 65536)) or last;
+		$sent += $n;
+	}
+	alarm(0);
+	is($sent, length $bytes, '4 MB sent to a location taking 1k: the server reads it all');
+	my $f;
+	while ($f = $big->read_frame(3)) {
+		last if $f->{opcode} == 8;
+	}
+	is((PgPush::WS->close_status($f))[0], 1009, 'the client reads 1009, not a reset');
+}
 
 ###############################################################################
 

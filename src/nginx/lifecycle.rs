@@ -328,9 +328,10 @@ pub fn join(key: SubKey) -> usize {
     waiting
 }
 
-/// Leaves every channel; the transport is about to be freed.
+/// Leaves every channel: the transport is about to be freed, or is closing and takes no
+/// more messages. The lifecycle then forgets the key; a second call does nothing.
 pub fn leave(key: SubKey) {
-    // SAFETY: called by the transport's cleanup, before it is freed
+    // SAFETY: called by the transport, live until its cleanup's call returns
     let linger = unsafe { key.get() }.lingers();
     // SAFETY: as above
     let sub = unsafe { key.get() }.subscription();
@@ -371,6 +372,8 @@ pub fn leave(key: SubKey) {
         }
         if sub.dirty {
             reg.dirty.retain(|k| *k != key);
+            // a closing transport queued in this batch is listed again by fan_out
+            sub.dirty = false;
         }
         unlisten
     })

@@ -66,8 +66,12 @@ enum State {
     Handshake,
     Open,
     /// Our close frame is queued; waiting for the client's answer (or the timeout).
+    /// Once the frame is out, a plain TCP connection is half-closed (`shut`) and input is
+    /// read and dropped until the client's end, so that a client still sending (a message
+    /// over the limit, say) reads our close code rather than a reset.
     Closing {
         answered: bool,
+        shut: bool,
     },
     /// The client closed; our echo is queued.
     ClosingPeer,
@@ -439,9 +443,9 @@ extern "C" fn on_read(rev: *mut ngx_event_t) {
             // a stream's client sends nothing more: only its end matters
             State::Open if sub.framing != Framing::WebSocket => sub.stream_input(),
             State::Open => sub.read_frames(),
-            State::Closing { .. } => {
-                if sub.discard_input() {
-                    sub.state = State::Closing { answered: true };
+            State::Closing { shut, .. } => {
+                if sub.discard_input() && sub.state != State::Dead {
+                    sub.state = State::Closing { answered: true, shut };
                 }
             }
             _ => {
@@ -771,6 +775,10 @@ impl Subscriber {
         if self.state != State::Open {
             return;
         }
+        // it gets no more messages: it is gone from the channels and the counts now, not
+        // when its client has read the end
+        // SAFETY: the key of this live transport
+        lifecycle::leave(unsafe { SubKey::new(self) });
         let footer = self.lcf.footer_template.as_bytes();
         if let Framing::Stream { eventsource, chunked, .. } = self.framing {
             if eventsource {
@@ -794,7 +802,7 @@ impl Subscriber {
             None => buf.extend_from_slice(&ws::EMPTY_CLOSE),
         }
         self.out.push(Rc::from(buf));
-        self.state = State::Closing { answered: false };
+        self.state = State::Closing { answered: false, shut: false };
         // SAFETY: the read timer now bounds the closing handshake
         unsafe { nginx_sys::ngx_add_timer((*self.c).read, CLOSE_TIMEOUT) };
     }
@@ -945,16 +953,17 @@ impl Subscriber {
         }
     }
 
-    /// Reads and drops input while closing; true if anything (or EOF) arrived.
+    /// Reads and drops input while closing; true at the client's end (EOF or an error),
+    /// or, over TLS, if anything arrived.
     fn discard_input(&mut self) -> bool {
-        let mut buf = [0u8; 1024];
+        let mut buf = [0u8; 4096];
         let mut got = false;
         loop {
             let mut io = Io { c: self.c, out: &mut self.out };
             match io.read(&mut buf) {
                 Ok(0) => return true,
                 Ok(_) => got = true,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return got,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return got && self.tls(),
                 Err(_) => {
                     self.state = State::Dead;
                     return true;
@@ -989,6 +998,12 @@ impl Subscriber {
             }
         }
         self.arm_ping();
+    }
+
+    /// A TLS connection is never half-closed: any answer of its client ends the closing.
+    fn tls(&self) -> bool {
+        // SAFETY: c is live
+        unsafe { !(*self.c).ssl.is_null() }
     }
 
     /// Bytes the connection's own layer holds (TLS buffers what it could not write yet).
@@ -1054,7 +1069,17 @@ impl Subscriber {
         let done = match self.state {
             State::Dead => true,
             State::ClosingPeer => idle,
-            State::Closing { answered } => answered && idle,
+            State::Closing { answered: false, shut: false } if idle && !self.tls() => {
+                // our close frame is out: half-close, and read until the client's end
+                // SAFETY: c is live; its socket is open
+                if unsafe { libc::shutdown((*self.c).fd, libc::SHUT_WR) } != 0 {
+                    true
+                } else {
+                    self.state = State::Closing { answered: false, shut: true };
+                    false
+                }
+            }
+            State::Closing { answered, .. } => answered && idle,
             State::Handshake | State::Open => false,
         };
         if !done {
