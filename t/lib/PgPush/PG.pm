@@ -102,7 +102,7 @@ sub mark {
 	return $self;
 }
 
-# The statements pgpush side connections ran since the mark, from the server log, as
+# The statements (simple or prepared) pgpush side connections ran since the mark, from the server log, as
 # [pid, statement].
 sub logged {
 	my ($self) = @_;
@@ -110,7 +110,7 @@ sub logged {
 	seek($fh, $self->{mark} // 0, 0);
 	my @rows;
 	while (my $line = <$fh>) {
-		push @rows, [$1, $2] if $line =~ m!^(\d+)/pgpush:LOG:  statement: (.*)$!;
+		push @rows, [$1, $2] if $line =~ m!^(\d+)/pgpush:LOG:  (?:statement|execute [^:]*): (.*)$!;
 	}
 	return \@rows;
 }
