@@ -13,6 +13,6 @@ pub mod protocol;
 pub mod recent;
 
 // The nginx-facing layer links against nginx symbols that only exist inside an nginx
-// binary, so the unit-test harness (which is a plain executable) leaves it out.
-#[cfg(not(test))]
+// binary, so the unit-test harness and the fuzz targets (plain executables) leave it out.
+#[cfg(not(any(test, fuzzing)))]
 pub mod nginx;
