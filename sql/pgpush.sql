@@ -47,8 +47,10 @@ CREATE INDEX IF NOT EXISTS messages_created_at ON pgpush.messages USING brin (cr
 
 -- The LISTEN name of a channel: itself, or for a name longer than an identifier,
 -- 'pgpush_' followed by the md5 of the whole name (the notification then names it).
+-- Not STRICT, so that PostgreSQL inlines it into its callers' plans (a SQL function that is
+-- not inlined is parsed again on every call); NULL still gives NULL.
 CREATE OR REPLACE FUNCTION pgpush.listen_name(channel text) RETURNS text
-LANGUAGE sql IMMUTABLE STRICT AS $$
+LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE WHEN octet_length(channel) > 63 THEN 'pgpush_' || md5(channel) ELSE channel END
 $$;
 
@@ -68,13 +70,23 @@ BEGIN
     IF channel IS NULL OR channel = '' THEN
         RAISE EXCEPTION 'pgpush.publish: the channel is empty' USING ERRCODE = '22023';
     END IF;
-    INSERT INTO pgpush.channels AS ch (channel, last_offset, last_second, last_tag)
-        VALUES (channel, 1, now_s, 1)
-    ON CONFLICT ON CONSTRAINT channels_pkey DO UPDATE SET
+    -- the channel's row lock, held to the commit; an UPDATE costs less than the upsert,
+    -- which only a channel's first message needs
+    UPDATE pgpush.channels AS ch SET
         last_offset = ch.last_offset + 1,
         last_tag = CASE WHEN ch.last_second >= now_s THEN ch.last_tag + 1 ELSE 1 END,
         last_second = greatest(ch.last_second, now_s)
+    WHERE ch.channel = store_message.channel
     RETURNING * INTO c;
+    IF NOT FOUND THEN
+        INSERT INTO pgpush.channels AS ch (channel, last_offset, last_second, last_tag)
+            VALUES (channel, 1, now_s, 1)
+        ON CONFLICT ON CONSTRAINT channels_pkey DO UPDATE SET
+            last_offset = ch.last_offset + 1,
+            last_tag = CASE WHEN ch.last_second >= now_s THEN ch.last_tag + 1 ELSE 1 END,
+            last_second = greatest(ch.last_second, now_s)
+        RETURNING * INTO c;
+    END IF;
     INSERT INTO pgpush.messages
         (channel, epoch, "offset", payload, payload_bin, event_id, event_type, second, tag)
         VALUES (channel, c.epoch, c.last_offset, text_payload, bin_payload, event_id,
@@ -99,22 +111,33 @@ BEGIN
 END
 $$;
 
+-- The publishing functions are PL/pgSQL, whose plans are kept for the session: the body
+-- of a SQL function that cannot be inlined is parsed again on every call.
 CREATE OR REPLACE FUNCTION pgpush.publish_message(
     channel text, text_payload text, bin_payload bytea, event_id text, event_type text
-) RETURNS bigint LANGUAGE sql AS $$
-    SELECT row_id FROM pgpush.store_message(channel, text_payload, bin_payload, event_id, event_type)
+) RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE r bigint;
+BEGIN
+    SELECT s.row_id INTO r FROM pgpush.store_message(channel, text_payload, bin_payload,
+                                                      event_id, event_type) s;
+    RETURN r;
+END
 $$;
 
 CREATE OR REPLACE FUNCTION pgpush.publish(
     channel text, payload text, event_id text DEFAULT NULL, event_type text DEFAULT NULL
-) RETURNS bigint LANGUAGE sql AS $$
-    SELECT pgpush.publish_message(channel, payload, NULL, event_id, event_type)
+) RETURNS bigint LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN pgpush.publish_message(channel, payload, NULL, event_id, event_type);
+END
 $$;
 
 CREATE OR REPLACE FUNCTION pgpush.publish(
     channel text, payload bytea, event_id text DEFAULT NULL, event_type text DEFAULT NULL
-) RETURNS bigint LANGUAGE sql AS $$
-    SELECT pgpush.publish_message(channel, NULL, payload, event_id, event_type)
+) RETURNS bigint LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN pgpush.publish_message(channel, NULL, payload, event_id, event_type);
+END
 $$;
 
 -- The messages of a channel that are still kept: the newest max_stored (NULL: all) no

@@ -565,8 +565,9 @@ impl Transport for Subscriber {
             ngx::ngx_log_error!(
                 NGX_LOG_ERR,
                 self.log(),
-                "pgpush: subscriber too slow, closing it with 1013: {} bytes unsent exceed \
+                "pgpush: subscriber too slow, closing it{}: {} bytes unsent exceed \
                  push_stream_subscriber_output_limit {}, channel \"{}\"",
+                if self.framing == Framing::WebSocket { " with 1013" } else { "" },
                 self.out.bytes,
                 self.lcf.subscriber_output_limit,
                 channel
@@ -708,7 +709,11 @@ impl Subscriber {
         // the request leaves the subscriber alone
         unsafe {
             (*self.cln).handler = None;
-            let action = c"relaying WebSocket messages";
+            let action = match self.framing {
+                Framing::WebSocket => c"relaying WebSocket messages",
+                Framing::Stream { eventsource: true, .. } => c"relaying EventSource messages",
+                Framing::Stream { .. } => c"relaying streamed messages",
+            };
             super::parked::keep_connection(self.r, data, on_read, on_write, action);
         }
         self.r = ptr::null_mut();
