@@ -28,7 +28,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(21);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(24);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -49,7 +49,7 @@ http {
     push_stream_postgres "$conninfo";
     push_stream_postgres_reconnect 50ms 200ms;
     push_stream_message_ttl 8s;
-    client_max_body_size 1m;
+    client_max_body_size 5m;
 
     server {
         listen       127.0.0.1:8080;
@@ -172,6 +172,15 @@ is($m && $m->{opcode}, 2, 'a body that is not UTF-8 is a binary frame');
 ok(($m->{payload} // '') eq $bin, 'byte for byte');
 my $r = read_for($stream, 3, qr/^2:/m);
 like($r, qr/^1:\Q$big\E$/m, 'and the large one reaches a streaming subscriber too');
+
+# one message over push_stream_subscriber_output_limit (256k by default) reaches
+# subscribers that keep up: the limit bounds a backlog, not a message
+my $huge = join '', map { chr(65 + $_ % 26) } 1 .. 4 * 1024 * 1024;
+like(post('big', $huge), qr/^HTTP\/1\.1 200/, 'a 4 MB stored message is accepted');
+$m = $ws->read_message(10);
+ok(($m->{payload} // '') eq $huge, 'it reaches a WebSocket subscriber whole, past the output limit');
+$r = read_for($stream, 10, qr/^3:.*\n/m);
+ok(index($r, "3:$huge\n") >= 0, 'and a streaming subscriber');
 
 # kill the side connections while 1,000 stored messages are published
 my @subs = map { start_get('/sub?id=killed') } 1 .. 2;

@@ -10,8 +10,9 @@
 //! created on the first read so that idle subscribers carry no read buffer; a stream's
 //! client only matters when it goes away.
 //!
-//! Output is bounded by `push_stream_subscriber_output_limit`: a subscriber that cannot
-//! keep up is closed (WebSocket: 1013) with an error-log line naming the channel.
+//! Output is bounded by `push_stream_subscriber_output_limit`: a subscriber whose unsent
+//! backlog exceeds it when a message arrives is closed (WebSocket: 1013) with an error-log
+//! line naming the channel. A single message larger than the limit still goes out.
 //!
 //! Once the head is out, the subscriber lets go of the HTTP request: the request is logged
 //! and freed (its pool, headers and header buffer are several KB per connection), and the
@@ -559,16 +560,20 @@ impl Transport for Subscriber {
         Rc::from(buf)
     }
 
+    /// The limit bounds a subscriber's backlog: a message is refused (and the subscriber
+    /// closed) when what was already unsent exceeds it, so one message larger than the
+    /// limit still reaches a subscriber that keeps up.
     fn queue(&mut self, frame: Rc<[u8]>, channel: &str) {
+        let behind = self.out.bytes;
         self.out.push(frame);
-        if self.out.bytes > self.lcf.subscriber_output_limit {
+        if behind > self.lcf.subscriber_output_limit {
             ngx::ngx_log_error!(
                 NGX_LOG_ERR,
                 self.log(),
                 "pgpush: subscriber too slow, closing it{}: {} bytes unsent exceed \
                  push_stream_subscriber_output_limit {}, channel \"{}\"",
                 if self.framing == Framing::WebSocket { " with 1013" } else { "" },
-                self.out.bytes,
+                behind,
                 self.lcf.subscriber_output_limit,
                 channel
             );
