@@ -1,11 +1,16 @@
 //! The queue between a worker's tokio thread and its nginx event loop.
 //!
-//! The tokio side pushes owned events; the first push into an empty queue writes the
-//! eventfd, which nginx watches as a read event. The nginx side drains the fd, then takes
-//! events in bounded batches.
+//! The tokio side pushes owned events; the first push into an empty queue owes nginx a
+//! wake, which is paid (the eventfd written, which nginx watches as a read event) when the
+//! side thread's runtime is about to park, or at once when events pile up. So a reply and
+//! the notifications read with it wake nginx once. A push from nginx's own thread writes
+//! the eventfd at once. The nginx side clears the fd, then takes events in bounded
+//! batches.
 
+use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 
@@ -61,9 +66,19 @@ pub enum Event {
     },
 }
 
+/// Events queued on the side thread before it wakes nginx without waiting to park.
+const PAY_AT: usize = 64;
+
+thread_local! {
+    /// Set on the side thread: its pushes owe a wake instead of writing the eventfd.
+    static DEFERRING: Cell<bool> = const { Cell::new(false) };
+}
+
 pub struct Bridge {
     queue: Mutex<Vec<Event>>,
     fd: OwnedFd,
+    /// A wake the side thread owes nginx.
+    owed: AtomicBool,
 }
 
 impl Bridge {
@@ -75,7 +90,11 @@ impl Bridge {
         }
         // SAFETY: fd is ours
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(std::sync::Arc::new(Self { queue: Mutex::new(Vec::new()), fd }))
+        Ok(std::sync::Arc::new(Self {
+            queue: Mutex::new(Vec::new()),
+            fd,
+            owed: AtomicBool::new(false),
+        }))
     }
 
     pub fn raw_fd(&self) -> RawFd {
@@ -83,13 +102,32 @@ impl Bridge {
     }
 
     pub fn push(&self, ev: Event) {
-        let was_empty = {
+        let len = {
             let mut q = self.queue.lock();
-            let e = q.is_empty();
             q.push(ev);
-            e
+            q.len()
         };
-        if was_empty {
+        if DEFERRING.with(Cell::get) {
+            if len == 1 {
+                self.owed.store(true, Ordering::Release);
+            }
+            if len >= PAY_AT {
+                self.pay();
+            }
+        } else if len == 1 {
+            self.wake();
+        }
+    }
+
+    /// From now on, this thread's pushes owe their wake until [`Bridge::pay`] (or until
+    /// [`PAY_AT`] events wait); `false` writes at once again.
+    pub fn defer_on_this_thread(on: bool) {
+        DEFERRING.with(|d| d.set(on));
+    }
+
+    /// Wakes nginx if a push owes it: the side thread calls this before its runtime parks.
+    pub fn pay(&self) {
+        if self.owed.swap(false, Ordering::AcqRel) {
             self.wake();
         }
     }
@@ -106,17 +144,16 @@ impl Bridge {
         unsafe { libc::write(self.raw_fd(), (&one as *const u64).cast(), 8) };
     }
 
-    /// Reads the fd until EAGAIN; returns how many wakeups were pending.
+    /// Clears the fd; returns how many wakeups were pending. One read does it: an eventfd
+    /// (not in semaphore mode) gives its whole count and resets it.
     pub fn drain_wakeups(&self) -> u64 {
-        let mut total = 0;
-        loop {
-            let mut v: u64 = 0;
-            // SAFETY: reads 8 bytes into a valid u64
-            let n = unsafe { libc::read(self.raw_fd(), (&mut v as *mut u64).cast(), 8) };
-            if n != 8 {
-                return total;
-            }
-            total += v;
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a valid u64
+        let n = unsafe { libc::read(self.raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        if n == 8 {
+            v
+        } else {
+            0
         }
     }
 

@@ -97,9 +97,14 @@ impl SideConnection {
 
         let thread = with_signals_blocked(|| {
             thread::Builder::new().name(format!("pgpush-pg-{worker}")).spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+                let payer = bridge.clone();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .on_thread_park(move || payer.pay())
+                    .build();
                 match rt {
                     Ok(rt) => rt.block_on(async {
+                        Bridge::defer_on_this_thread(true);
                         let hooks = hooks_rx.map(|r| {
                             tokio::spawn(hooks::run(config.clone(), reconnect, r, bridge.clone()))
                         });
@@ -111,6 +116,9 @@ impl SideConnection {
                     }),
                     Err(e) => bridge.log(Level::Alert, format!("tokio runtime failed: {e}")),
                 }
+                // what the runtime pushed last has not been paid by a park
+                Bridge::defer_on_this_thread(false);
+                bridge.pay();
                 let (lock, cv) = &*done2;
                 *lock.lock() = true;
                 cv.notify_all();
@@ -801,5 +809,36 @@ mod tests {
         assert!(b.take(&mut out, 10));
         assert_eq!(out.len(), 2);
         assert_eq!(b.drain_wakeups(), 0);
+    }
+
+    #[test]
+    fn side_thread_wakes_when_it_parks_or_events_pile_up() {
+        let b = Bridge::new().unwrap();
+        let side = b.clone();
+        std::thread::spawn(move || {
+            Bridge::defer_on_this_thread(true);
+            side.push(Event::Disconnected);
+            side.push(Event::Disconnected);
+            assert_eq!(side.drain_wakeups(), 0, "owed, not written");
+            side.pay();
+            assert_eq!(side.drain_wakeups(), 1, "paid once");
+            side.pay();
+            assert_eq!(side.drain_wakeups(), 0, "nothing more owed");
+            let mut out = Vec::new();
+            assert!(side.take(&mut out, 100), "nginx took them");
+            for _ in 0..63 {
+                side.push(Event::Disconnected);
+            }
+            assert_eq!(side.drain_wakeups(), 0, "63 still owed");
+            side.push(Event::Disconnected);
+            assert_eq!(side.drain_wakeups(), 1, "the 64th wakes at once");
+        })
+        .join()
+        .unwrap();
+        // another thread (nginx's) still wakes at once when the queue was empty
+        let mut out = Vec::new();
+        assert!(b.take(&mut out, 100));
+        b.push(Event::Disconnected);
+        assert_eq!(b.drain_wakeups(), 1);
     }
 }
