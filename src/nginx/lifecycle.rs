@@ -285,13 +285,14 @@ pub fn join(key: SubKey) -> usize {
     let sub = unsafe { key.get() }.subscription();
     let (postgres, prefix) =
         worker::with(|w| (w.has_postgres(), w.prefix.len())).unwrap_or((false, 0));
+    // the events are published once this subscriber's LISTENs are queued: the side
+    // connection runs commands in order, so one that also listens to the events channel
+    // hears of its own subscription
+    let mut created = Vec::with_capacity(sub.channels.len());
     for (k, (channel, _)) in sub.channels.iter().enumerate() {
-        let id = id_of(channel, prefix).as_bytes();
+        let id = id_of(channel, prefix);
         // the summary counts a subscriber once, on its first channel
-        if zone::join(id, k == 0) {
-            events::emit(Event::ChannelCreated, id);
-        }
-        events::emit(Event::ClientSubscribed, id);
+        created.push((id.to_string(), zone::join(id.as_bytes(), k == 0)));
     }
     let mut listen = Vec::new();
     let waiting = with(|reg| {
@@ -322,6 +323,12 @@ pub fn join(key: SubKey) -> usize {
         listen.into_iter().for_each(|ch| w.listen(ch));
         w.after_burst();
     });
+    for (id, new) in created {
+        if new {
+            events::emit(Event::ChannelCreated, id.as_bytes());
+        }
+        events::emit(Event::ClientSubscribed, id.as_bytes());
+    }
     if waiting == 0 && read_history(key) {
         return 1;
     }
