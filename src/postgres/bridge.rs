@@ -1,16 +1,17 @@
 //! The queue between a worker's tokio thread and its nginx event loop.
 //!
 //! The tokio side pushes owned events; the first push into an empty queue owes nginx a
-//! wake, which is paid (the eventfd written, which nginx watches as a read event) when the
-//! side thread's runtime is about to park, or at once when events pile up. So a reply and
-//! the notifications read with it wake nginx once. A push from nginx's own thread writes
-//! the eventfd at once. The nginx side clears the fd, then takes events in bounded
-//! batches.
+//! wake, which is paid (the eventfd written, which nginx watches as a read event) where a
+//! piece of work ends: the notifications of one read, a batch of commands, a hook call, or
+//! the runtime about to park. A wake owed for 1 ms, or 64 waiting events, is paid at the
+//! next push whatever the thread is doing. A push from nginx's own thread writes the
+//! eventfd at once. The nginx side clears the fd, then takes events in bounded batches.
 
 use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -68,10 +69,14 @@ pub enum Event {
 
 /// Events queued on the side thread before it wakes nginx without waiting to park.
 const PAY_AT: usize = 64;
+/// How long a wake may stay owed before the next push pays it.
+const PAY_AFTER: Duration = Duration::from_millis(1);
 
 thread_local! {
     /// Set on the side thread: its pushes owe a wake instead of writing the eventfd.
     static DEFERRING: Cell<bool> = const { Cell::new(false) };
+    /// Since when the side thread owes a wake.
+    static OWED_SINCE: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
 pub struct Bridge {
@@ -110,8 +115,14 @@ impl Bridge {
         if DEFERRING.with(Cell::get) {
             if len == 1 {
                 self.owed.store(true, Ordering::Release);
+                OWED_SINCE.with(|t| {
+                    if t.get().is_none() {
+                        t.set(Some(Instant::now()));
+                    }
+                });
             }
-            if len >= PAY_AT {
+            let late = OWED_SINCE.with(Cell::get).is_some_and(|t| t.elapsed() >= PAY_AFTER);
+            if len >= PAY_AT || late {
                 self.pay();
             }
         } else if len == 1 {
@@ -120,13 +131,15 @@ impl Bridge {
     }
 
     /// From now on, this thread's pushes owe their wake until [`Bridge::pay`] (or until
-    /// [`PAY_AT`] events wait); `false` writes at once again.
+    /// [`PAY_AT`] events wait, or [`PAY_AFTER`] has passed); `false` writes at once again.
     pub fn defer_on_this_thread(on: bool) {
         DEFERRING.with(|d| d.set(on));
     }
 
-    /// Wakes nginx if a push owes it: the side thread calls this before its runtime parks.
+    /// Wakes nginx if a push owes it: the side thread calls this where a piece of work
+    /// ends, and before its runtime parks.
     pub fn pay(&self) {
+        OWED_SINCE.with(|t| t.set(None));
         if self.owed.swap(false, Ordering::AcqRel) {
             self.wake();
         }

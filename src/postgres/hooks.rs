@@ -254,6 +254,7 @@ impl Session<'_> {
     fn answer(&self, call: &HookCall, rows: Vec<Reply>) {
         if call.rows {
             self.bridge.push(Event::HookRows { id: call.id, rows });
+            self.bridge.pay();
         }
     }
 }

@@ -358,7 +358,15 @@ async fn run(
         let b = bridge.clone();
         let mut driver = tokio::spawn(async move {
             loop {
-                match poll_fn(|cx| connection.poll_message(cx)).await {
+                // once a read's notifications are all pushed, nginx hears of them
+                let next = poll_fn(|cx| {
+                    let r = connection.poll_message(cx);
+                    if r.is_pending() {
+                        b.pay();
+                    }
+                    r
+                });
+                match next.await {
                     Some(Ok(AsyncMessage::Notification(n))) => b.push(Event::Notification {
                         channel: n.channel().to_string(),
                         payload: n.payload().to_string(),
@@ -487,7 +495,9 @@ impl Session<'_> {
                     while let Ok(c) = rx.try_recv() {
                         batch.push(c);
                     }
-                    match self.run_batch(batch, wanted).await {
+                    let done = self.run_batch(batch, wanted).await;
+                    self.bridge.pay();
+                    match done {
                         Ok(true) => return Outcome::Stop,
                         Ok(false) => {}
                         Err(why) => return Outcome::Lost(why),
@@ -832,6 +842,11 @@ mod tests {
             assert_eq!(side.drain_wakeups(), 0, "63 still owed");
             side.push(Event::Disconnected);
             assert_eq!(side.drain_wakeups(), 1, "the 64th wakes at once");
+            assert!(side.take(&mut out, 100));
+            side.push(Event::Disconnected);
+            std::thread::sleep(Duration::from_millis(2));
+            side.push(Event::Disconnected);
+            assert_eq!(side.drain_wakeups(), 1, "a wake owed for 1 ms is paid by the next push");
         })
         .join()
         .unwrap();
