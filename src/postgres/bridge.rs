@@ -10,7 +10,6 @@
 use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -75,15 +74,13 @@ const PAY_AFTER: Duration = Duration::from_millis(1);
 thread_local! {
     /// Set on the side thread: its pushes owe a wake instead of writing the eventfd.
     static DEFERRING: Cell<bool> = const { Cell::new(false) };
-    /// Since when the side thread owes a wake.
+    /// Since when the side thread owes nginx a wake (one side thread per bridge).
     static OWED_SINCE: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
 pub struct Bridge {
     queue: Mutex<Vec<Event>>,
     fd: OwnedFd,
-    /// A wake the side thread owes nginx.
-    owed: AtomicBool,
 }
 
 impl Bridge {
@@ -95,11 +92,7 @@ impl Bridge {
         }
         // SAFETY: fd is ours
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(std::sync::Arc::new(Self {
-            queue: Mutex::new(Vec::new()),
-            fd,
-            owed: AtomicBool::new(false),
-        }))
+        Ok(std::sync::Arc::new(Self { queue: Mutex::new(Vec::new()), fd }))
     }
 
     pub fn raw_fd(&self) -> RawFd {
@@ -114,7 +107,6 @@ impl Bridge {
         };
         if DEFERRING.with(Cell::get) {
             if len == 1 {
-                self.owed.store(true, Ordering::Release);
                 OWED_SINCE.with(|t| {
                     if t.get().is_none() {
                         t.set(Some(Instant::now()));
@@ -136,11 +128,10 @@ impl Bridge {
         DEFERRING.with(|d| d.set(on));
     }
 
-    /// Wakes nginx if a push owes it: the side thread calls this where a piece of work
-    /// ends, and before its runtime parks.
+    /// Wakes nginx if a push of this thread owes it: the side thread calls this where a
+    /// piece of work ends, and before its runtime parks.
     pub fn pay(&self) {
-        OWED_SINCE.with(|t| t.set(None));
-        if self.owed.swap(false, Ordering::AcqRel) {
+        if OWED_SINCE.with(Cell::take).is_some() {
             self.wake();
         }
     }
