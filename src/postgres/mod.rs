@@ -354,9 +354,13 @@ async fn run(
             }
         };
 
-        // Notifications only surface when the connection is polled directly.
+        // Notifications only surface when the connection is polled directly. Those that
+        // come before nginx is told of the reconnect wait for it, so that a channel's
+        // catch-up (or gap message) comes before anything sent after the outage.
         let b = bridge.clone();
+        let (open, mut opened) = tokio::sync::oneshot::channel::<()>();
         let mut driver = tokio::spawn(async move {
+            let mut early = Some(Vec::new());
             loop {
                 // once a read's notifications are all pushed, nginx hears of them
                 let next = poll_fn(|cx| {
@@ -366,11 +370,25 @@ async fn run(
                     }
                     r
                 });
-                match next.await {
-                    Some(Ok(AsyncMessage::Notification(n))) => b.push(Event::Notification {
-                        channel: n.channel().to_string(),
-                        payload: n.payload().to_string(),
-                    }),
+                let next = tokio::select! {
+                    biased;
+                    _ = &mut opened, if early.is_some() => {
+                        early.take().into_iter().flatten().for_each(|e| b.push(e));
+                        continue;
+                    }
+                    next = next => next,
+                };
+                match next {
+                    Some(Ok(AsyncMessage::Notification(n))) => {
+                        let e = Event::Notification {
+                            channel: n.channel().to_string(),
+                            payload: n.payload().to_string(),
+                        };
+                        match early.as_mut() {
+                            Some(held) => held.push(e),
+                            None => b.push(e),
+                        }
+                    }
                     Some(Ok(AsyncMessage::Notice(n))) => {
                         b.log(Level::Info, format!("postgres notice: {}", n.message()))
                     }
@@ -424,6 +442,7 @@ async fn run(
             bridge.log(Level::Notice, format!("connected to postgres {target}"));
         }
         bridge.push(Event::Connected { relistened: ever_connected });
+        let _ = open.send(());
         if !wanted.unacked.is_empty() {
             bridge.push(Event::Listening(std::mem::take(&mut wanted.unacked)));
         }
