@@ -3,7 +3,8 @@
 # Stored channels through failures: a payload over NOTIFY's 8000 bytes and a binary one
 # arrive intact; when the side connection is killed, or PostgreSQL restarts, while another
 # session publishes 1,000 stored messages, every subscriber gets all of them, in order,
-# once; a plain channel is told of the gap instead; the cleaner runs one at a time and
+# once; a plain channel is told of the gap instead; a notification that skips an offset
+# has the skipped messages read from the store; the cleaner runs one at a time and
 # honours push_stream_message_ttl.
 
 use warnings;
@@ -28,7 +29,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(24);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(25);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -197,6 +198,24 @@ for my $k (0 .. 1) {
 	is("$n $bad $first $last", '1000 0 1 1000', "subscriber $k: side connection killed twice: all 1,000, in order, once");
 }
 like(read_for($plain, 2), qr/^-4:$/m, 'a plain channel gets the gap message instead');
+
+# a notification lost on the way (here a row stored without NOTIFY): the next one skips an
+# offset, and the worker reads what it skipped from the store
+my $lost = start_get('/sub?id=lost');
+sleep(0.5);
+post('lost', 'first');
+$pg->do(<<'SQL');
+WITH c AS (
+	UPDATE pgpush.channels SET last_offset = last_offset + 1 WHERE channel = 'lost'
+	RETURNING epoch, last_offset, last_second, last_tag
+)
+INSERT INTO pgpush.messages (channel, epoch, "offset", payload, second, tag)
+SELECT 'lost', epoch, last_offset, 'silent', last_second, last_tag FROM c
+SQL
+$pg->query("SELECT pgpush.publish('lost', 'after')");
+my $got = read_for($lost, 3, qr/^3:/m);
+is(join(',', $got =~ /^(\d+:\w+)$/mg), '1:first,2:silent,3:after',
+	'a skipped offset is read from the store, in order, once');
 
 # restart PostgreSQL while 1,000 stored messages are published
 @subs = map { start_get('/sub?id=restarted') } 1 .. 2;

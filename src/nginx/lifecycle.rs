@@ -736,7 +736,8 @@ enum Stored {
     Seen,
     /// The channel is catching up: it waits.
     Held,
-    /// Too large for its notification: read it (and what follows) from the store.
+    /// Too large for its notification, or following lost ones: read from the store what
+    /// follows this (epoch, offset).
     Fetch(i64, i64),
     Deliver,
 }
@@ -841,6 +842,10 @@ pub fn deliver(channel: &str, payload: &str) {
             }
             match reg.positions.get_mut(channel) {
                 Some(p) if p.0 == st.epoch && st.offset <= p.1 => Stored::Seen,
+                // offsets follow commit order, and so do notifications: one that skips
+                // an offset follows lost ones (a notification may even arrive before the
+                // reconnect that lost them is told): read them from the store
+                Some(p) if p.0 == st.epoch && st.offset > p.1 + 1 => Stored::Fetch(p.0, p.1),
                 _ if meta.fetch => Stored::Fetch(st.epoch, st.offset - 1),
                 Some(p) => {
                     *p = (st.epoch, st.offset);
