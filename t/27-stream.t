@@ -11,6 +11,7 @@
 use warnings;
 use strict;
 
+use Compress::Raw::Zlib;
 use IO::Select;
 use IO::Socket::INET;
 use Test::More;
@@ -28,7 +29,7 @@ use PgPush::PG;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(41);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(45);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -77,6 +78,8 @@ http {
             push_stream_subscriber streaming;
             push_stream_channels_path \$arg_id;
             push_stream_header_template "HEAD";
+            push_stream_footer_template "FOOT";
+            push_stream_subscriber_connection_ttl 3s;
             default_type text/plain;
             charset utf-8;
             add_header X-Site pgpush;
@@ -263,20 +266,51 @@ like($p, qr/^Cache-Control: no-cache, no-store, must-revalidate\r$/m, 'publisher
 like(http_get('/es?id=ALL'), qr/^HTTP\/1\.1 403.*X-Nginx-PushStream-Explain: Channel id not authorized/ms,
 	'ALL: 403 explained');
 
-# the head goes through nginx's header filters, as push-stream's: add_header, charset;
-# gzip does not apply to a stream (its body bypasses nginx's body filters)
+# the head goes through nginx's header filters, as push-stream's: add_header, charset,
+# gzip; a gzipped stream's messages can be read as each arrives, and it ends whole
 my $h = http("GET /sthdr?id=hdr HTTP/1.1\r\nHost: localhost\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n",
 	start => 1);
-my $got = '';
+my ($got, $body, $unz) = ('', '', '');
+my $inflate = Compress::Raw::Zlib::Inflate->new(-WindowBits => WANT_GZIP);
 my $sel = IO::Select->new($h);
-while ($got !~ /HEAD/ && $sel->can_read(3)) {
-	$h->sysread($got, 4096, length $got) or last;
-}
+# reads until the inflated body matches (or the connection ends)
+my $read_gz = sub {
+	my ($want) = @_;
+	while ($unz !~ $want && $sel->can_read(5)) {
+		$h->sysread($got, 4096, length $got) or last;
+		my ($head, $rest) = split /\r\n\r\n/, $got, 2;
+		next unless defined $rest;
+		# the whole chunked body so far, inflated from the start again
+		my $data = '';
+		while ($rest =~ /\G([0-9a-f]+)\r\n/gc) {
+			my $n = hex $1;
+			last if length($rest) < pos($rest) + $n + 2;
+			$data .= substr($rest, pos($rest), $n);
+			pos($rest) += $n + 2;
+		}
+		next if $data eq $body;
+		$body = $data;
+		$inflate = Compress::Raw::Zlib::Inflate->new(-WindowBits => WANT_GZIP);
+		my $in = $body;
+		$unz = '';
+		$inflate->inflate($in, $unz);
+	}
+	return $unz;
+};
+like($read_gz->(qr/HEAD/), qr/^HEAD\z/, 'a gzipped stream\'s header template can be read at once');
 like($got, qr/^HTTP\/1\.1 200 OK\r\nServer: nginx.*^Date: /ms, 'a stream\'s head is nginx\'s');
 like($got, qr/^X-Site: pgpush\r$/m, 'add_header applies');
 like($got, qr/^Content-Type: text\/plain; charset=utf-8\r$/m, 'and charset');
-unlike($got, qr/Content-Encoding/, 'gzip does not');
-like($got, qr/^Transfer-Encoding: chunked\r\n.*\r\n\r\n4\r\nHEAD\r\n\z/ms, 'the header template follows, chunked');
+like($got, qr/^Content-Encoding: gzip\r$/m, 'and gzip, as push-stream\'s');
+like($got, qr/^Transfer-Encoding: chunked\r$/m, 'chunked');
+publish('hdr', 'zipped');
+like($read_gz->(qr/zipped/), qr/^HEADzipped\z/, 'a message can be read as it arrives');
+$read_gz->(qr/FOOT/);
+like($got, qr/\r\n0\r\n\r\n\z/, 'at its ttl the stream ends');
+my $whole = '';
+my $zst = Compress::Raw::Zlib::Inflate->new(-WindowBits => WANT_GZIP)->inflate(my $copy = $body, $whole);
+is("$whole " . ($zst == Z_STREAM_END ? 'end' : "status $zst"), 'HEADzippedFOOT end',
+	'with the footer template and gzip\'s trailer');
 like(open_stream('/eshdr?id=hdr')->{head}, qr/^X-Site: pgpush\r?$/mi, 'an EventSource head too');
 
 # a location whose directives an `if` block changes: the block is the same subscriber

@@ -6,7 +6,9 @@
 //! are encoded once per message and framing (WebSocket frames, or HTTP/1.1 chunks with
 //! push-stream's EventSource lines) and shared by every subscriber (`Rc<[u8]>`); each
 //! subscriber queues them and writes with the connection's `send_chain`, so several queued
-//! frames leave in one `writev`. WebSocket client frames are read with tungstenite,
+//! frames leave in one `writev`. A stream that nginx's gzip filter claims shares its
+//! messages unchunked, and each subscriber compresses (flushing each) and chunks them
+//! itself, since its body bypasses the body filters. WebSocket client frames are read with tungstenite,
 //! created on the first read so that idle subscribers carry no read buffer; a stream's
 //! client only matters when it goes away.
 //!
@@ -26,6 +28,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::rc::Rc;
 
+use flate2::write::GzEncoder;
 use nginx_sys::{
     ngx_buf_t, ngx_chain_t, ngx_connection_t, ngx_event_t, ngx_http_cleanup_t,
     ngx_http_core_loc_conf_t, ngx_http_request_t, ngx_int_t, ngx_msec_t, ngx_posted_events,
@@ -96,6 +99,8 @@ pub struct Subscriber {
     /// The connection's write timer counts down to the next ping (rather than bounding
     /// a send with `send_timeout`): an idle subscriber needs no event of its own.
     ping_timer: bool,
+    /// The compressor of a gzipped stream, from its head to its end.
+    gz: Option<Box<GzEncoder<Vec<u8>>>>,
     /// `send_timeout` and `client_max_body_size` (the largest client message) come from
     /// here.
     clcf: &'static ngx_http_core_loc_conf_t,
@@ -114,6 +119,9 @@ pub enum Framing {
         /// `push_stream_padding_by_user_agent`: the rule the client's user agent matched,
         /// from 1; 0 for none.
         padding: u8,
+        /// nginx's gzip filter claimed the response: shared frames are the bare body,
+        /// which each subscriber compresses (and then chunks) itself.
+        gzip: bool,
     },
 }
 
@@ -122,7 +130,7 @@ impl Framing {
     fn frame(self, op: u8, data: &[u8], out: &mut Vec<u8>) {
         match self {
             Framing::WebSocket => ws::encode(op, data, out),
-            Framing::Stream { chunked, .. } => stream::chunk(data, chunked, out),
+            Framing::Stream { chunked, gzip, .. } => stream::chunk(data, chunked && !gzip, out),
         }
     }
 }
@@ -132,6 +140,9 @@ struct Handshake {
     accept: String,
     /// A channel error to report in a 1008 close frame right after the 101.
     refusal: Option<(u16, String)>,
+    /// A stream's head, made by nginx's header filters when the request came and sent
+    /// once the LISTENs are confirmed.
+    head: Vec<u8>,
 }
 
 /* the content handler */
@@ -175,7 +186,8 @@ pub fn subscribe(r: &mut ngx_http_request_t, stream: Option<bool>) -> Result<ngx
         Ok(list) => (list, None),
         Err(e) => (Vec::new(), Some((e.status(), e.to_string()))),
     };
-    start(r, channels, Some(Box::new(Handshake { accept, refusal })), Framing::WebSocket)
+    let hs = Handshake { accept, refusal, head: Vec::new() };
+    start(r, channels, Some(Box::new(hs)), Framing::WebSocket)
 }
 
 /// The PostgreSQL channels of the request's channels path.
@@ -227,15 +239,16 @@ fn check_wildcards(r: &ngx_http_request_t, ids: &[&[u8]]) -> Result<(), ChannelE
 }
 
 /// The head of a stream, through nginx's header filters as push-stream's is (`add_header`,
-/// `expires`, `charset`, the server and date lines): `200`, the content type, chunked as
-/// `chunked`, never cached, with the CORS headers the handler added. The messages that
-/// follow bypass nginx's body filters, so none may claim the body (`gzip`). Returns the
-/// bytes nginx holds back for the body's first write, which the caller sends.
+/// `expires`, `charset`, `gzip`, the server and date lines): `200`, the content type,
+/// chunked as `chunked`, never cached, with the CORS headers the handler added. Returns
+/// the bytes nginx holds back for the body's first write, which the caller sends, and
+/// whether the gzip filter claimed the body: the messages that follow bypass nginx's body
+/// filters, so the subscriber then compresses them itself.
 fn stream_head(
     r: &mut ngx_http_request_t,
     eventsource: bool,
     chunked: bool,
-) -> Result<Vec<u8>, ()> {
+) -> Result<(Vec<u8>, bool), ()> {
     r.headers_out.status = nginx_sys::NGX_HTTP_OK as _;
     r.headers_out.content_length_n = -1;
     if eventsource {
@@ -252,8 +265,6 @@ fn stream_head(
         }
     }
     http::no_cache(r)?;
-    r.set_gzip_tested(1);
-    r.set_gzip_ok(0);
     // SAFETY: a request whose header is not sent yet
     let rc = unsafe { nginx_sys::ngx_http_send_header(r) };
     if rc == nginx_sys::NGX_ERROR as ngx_int_t || rc > nginx_sys::NGX_OK as ngx_int_t {
@@ -263,6 +274,23 @@ fn stream_head(
         // a header filter changed the framing the messages were encoded for
         return Err(());
     }
+    // SAFETY: a header set by a filter lives in the request's pool
+    let gzip = match unsafe { r.headers_out.content_encoding.as_ref() } {
+        None => false,
+        Some(h) if h.hash != 0 && h.value.as_bytes().eq_ignore_ascii_case(b"gzip") => true,
+        Some(h) if h.hash == 0 => false,
+        Some(h) => {
+            let name = String::from_utf8_lossy(h.value.as_bytes()).into_owned();
+            ngx::ngx_log_error!(
+                NGX_LOG_ERR,
+                // SAFETY: the request's connection is live
+                unsafe { (*r.connection).log },
+                "pgpush: a stream cannot be encoded as \"{}\" (only gzip is)",
+                name
+            );
+            return Err(());
+        }
+    };
     let mut head = Vec::new();
     // SAFETY: the request's pending output chain (the head nginx postponed, or what it
     // could not write yet), memory buffers of its pool
@@ -282,7 +310,7 @@ fn stream_head(
         let c = &mut *r.connection;
         c.set_buffered(c.buffered() & !nginx_sys::NGX_HTTP_WRITE_BUFFERED);
     }
-    Ok(head)
+    Ok((head, gzip))
 }
 
 /// `streaming` and `eventsource`: channel errors are plain HTTP answers.
@@ -302,7 +330,14 @@ fn subscribe_stream(r: &mut ngx_http_request_t, eventsource: bool) -> Result<ngx
     };
     let chunked = r.http_version >= nginx_sys::NGX_HTTP_VERSION_11 as usize && chunked_on;
     let padding = padding_rule(r);
-    start(r, channels, None, Framing::Stream { eventsource, chunked, padding })
+    // the head is made now, so that it is known whether gzip claims the body before any
+    // message is encoded; it is sent once the LISTENs are confirmed
+    r.set_keepalive(0);
+    let Ok((head, gzip)) = stream_head(r, eventsource, chunked) else {
+        return Err(ERROR);
+    };
+    let hs = Handshake { accept: String::new(), refusal: None, head };
+    start(r, channels, Some(Box::new(hs)), Framing::Stream { eventsource, chunked, padding, gzip })
 }
 
 /// The first `push_stream_padding_by_user_agent` rule that matches the client's user
@@ -351,6 +386,7 @@ fn start(
         out: Output::default(),
         reader: None,
         ping_timer: false,
+        gz: None,
         clcf,
         framing,
     });
@@ -468,7 +504,7 @@ extern "C" fn on_write(wev: *mut ngx_event_t) {
         if sub.ping_timer && sub.state == State::Open {
             sub.ping_timer = false;
             let ping = sub.ping();
-            sub.out.push(ping);
+            sub.put(ping);
         } else {
             // SAFETY: c is live
             unsafe { (*sub.c).set_timedout(1) };
@@ -514,8 +550,12 @@ impl Transport for Subscriber {
         let template = if identity { ptr::null() } else { ptr::from_ref(self.lcf).cast() };
         let kind = match self.framing {
             Framing::WebSocket => KIND,
-            Framing::Stream { eventsource, chunked, padding } => {
-                KIND + 1 + 2 * u16::from(eventsource) + u16::from(!chunked) + 4 * u16::from(padding)
+            Framing::Stream { eventsource, chunked, padding, gzip } => {
+                KIND + 1
+                    + 2 * u16::from(eventsource)
+                    + u16::from(!chunked)
+                    + 4 * u16::from(padding)
+                    + 8 * u16::from(gzip)
             }
         };
         Encoding { kind, template }
@@ -565,7 +605,7 @@ impl Transport for Subscriber {
     /// limit still reaches a subscriber that keeps up.
     fn queue(&mut self, frame: Rc<[u8]>, channel: &str) {
         let behind = self.out.bytes;
-        self.out.push(frame);
+        self.put(frame);
         if behind > self.lcf.subscriber_output_limit {
             ngx::ngx_log_error!(
                 NGX_LOG_ERR,
@@ -658,10 +698,15 @@ impl Subscriber {
                 self.out.push(Rc::from(ws::response_head(&hs.accept, explain)));
                 refusal = hs.refusal;
             }
-            Framing::Stream { eventsource, chunked, .. } => {
-                let head = stream_head(r, eventsource, chunked)?;
+            Framing::Stream { gzip, .. } => {
+                let head = self.handshake.take().map(|hs| hs.head).unwrap_or_default();
                 if !head.is_empty() {
                     self.out.push(Rc::from(head));
+                }
+                if gzip {
+                    // nginx's gzip_comp_level is the gzip filter's own; 1 is its default
+                    let gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                    self.gz = Some(Box::new(gz));
                 }
             }
         }
@@ -750,6 +795,30 @@ impl Subscriber {
         let mut buf = Vec::with_capacity(text.len() + 10);
         self.framing.frame(ws::OP_TEXT, text, &mut buf);
         if !buf.is_empty() {
+            self.put(Rc::from(buf));
+        }
+    }
+
+    /// Queues framed output; a gzipped stream compresses it first, flushed so that the
+    /// client can read it at once (as nginx's gzip filter flushes push-stream's messages).
+    fn put(&mut self, frame: Rc<[u8]>) {
+        let Some(gz) = self.gz.as_mut() else {
+            return self.out.push(frame);
+        };
+        if gz.write_all(&frame).and_then(|()| gz.flush()).is_err() {
+            self.state = State::Dead;
+            return;
+        }
+        let data = std::mem::take(gz.get_mut());
+        self.push_compressed(&data);
+    }
+
+    /// Queues compressed bytes, chunked if the stream is.
+    fn push_compressed(&mut self, data: &[u8]) {
+        let chunked = matches!(self.framing, Framing::Stream { chunked: true, .. });
+        let mut buf = Vec::with_capacity(data.len() + 10);
+        stream::chunk(data, chunked, &mut buf);
+        if !buf.is_empty() {
             self.out.push(Rc::from(buf));
         }
     }
@@ -795,6 +864,12 @@ impl Subscriber {
                 self.push_text(&stream::eventsource_comments(footer));
             } else if !footer.is_empty() {
                 self.push_text(footer);
+            }
+            if let Some(gz) = self.gz.take() {
+                // the end of the deflate stream and gzip's trailer
+                if let Ok(tail) = gz.finish() {
+                    self.push_compressed(&tail);
+                }
             }
             if chunked {
                 self.out.push(Rc::from(stream::LAST_CHUNK));
