@@ -11,7 +11,9 @@
 use warnings;
 use strict;
 
+use DBI;
 use Encode qw/ decode_utf8 /;
+use POSIX ();
 use Test::More;
 use Time::HiRes qw/ sleep /;
 
@@ -28,7 +30,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(67);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(68);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -327,5 +329,27 @@ $s = PgPush::WS->connect('/ws?id=reload');
 ok($pg->wait_query(qr/LISTEN "reload"/, 1), 'a new worker listens');
 $pg->notify('reload', 'new workers');
 is($s->payload, 'new workers', 'the new workers relay');
+
+# subscribers that join a channel already listened while it is busy: a message that
+# arrives before a subscriber's 101 is sent follows it
+my $flood = fork();
+if (!$flood) {
+	my $dbh = DBI->connect('dbi:Pg:host=127.0.0.1;port=' . $pg->port . ';dbname=postgres',
+		'postgres', '', { RaiseError => 1, PrintError => 0 });
+	my $end = time() + 8;
+	$dbh->do("SELECT pg_notify('busy', 'b')") while time() < $end;
+	POSIX::_exit(0);
+}
+my @keep = map { PgPush::WS->connect('/ws?id=busy') } 1 .. 4;
+my ($joined, $bad) = (0, '');
+for (1 .. 400) {
+	my $ws = PgPush::WS->connect('/ws?id=busy');
+	$joined++;
+	my $m = $ws->{status} == 101 ? $ws->read_message(2) : undef;
+	$bad ||= "status $ws->{status}: $ws->{response}" unless $m && ($m->{payload} // '') eq 'b';
+}
+kill 'TERM', $flood;
+waitpid($flood, 0);
+is($bad, '', "$joined subscribers joining a busy channel: each gets its 101, then the messages");
 
 ###############################################################################

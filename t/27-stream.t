@@ -12,7 +12,9 @@ use warnings;
 use strict;
 
 use Compress::Raw::Zlib;
+use DBI;
 use IO::Select;
+use POSIX ();
 use IO::Socket::INET;
 use Test::More;
 use Time::HiRes qw/ sleep time /;
@@ -29,7 +31,7 @@ use PgPush::PG;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(45);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(46);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -323,5 +325,31 @@ ok(defined expect($plain, qr/: head\n(?::\n)*data: ifch:one\n\n/), 'outside the 
 ok(defined expect($inif, qr/: head\n(?::\n)*data: test_ifch:two\n\n/),
 	'inside: the if block\'s path, the templates formatted once');
 like(http_get('/stif/nested'), qr/^HTTP\/1\.1 204/, 'a nested location keeps its own handler');
+
+# subscribers that join a channel already listened while it is busy: a message that
+# arrives before a subscriber's head is sent goes out after its head and header template
+my $flood = fork();
+if (!$flood) {
+	my $dbh = DBI->connect('dbi:Pg:host=127.0.0.1;port=' . $pg->port . ';dbname=postgres',
+		'postgres', '', { RaiseError => 1, PrintError => 0 });
+	my $end = time() + 8;
+	$dbh->do("SELECT pg_notify('busy', 'b')") while time() < $end;
+	POSIX::_exit(0);
+}
+my @keep = map { open_stream('/st?id=busy') } 1 .. 4;
+my ($joined, $bad) = (0, '');
+for (1 .. 150) {
+	my $s = open_stream('/st?id=busy');
+	while (length($s->{body}) < 6 && !$s->{eof}) {
+		fill($s, 1) or last;
+		decode($s);
+	}
+	$joined++;
+	$bad ||= "$s->{head}\n\n$s->{body}" unless $s->{head} =~ /^HTTP\/1\.1 200/ && $s->{body} =~ /^HEAD(?:b\|)*\z/;
+	close $s->{sock};
+}
+kill 'TERM', $flood;
+waitpid($flood, 0);
+is($bad, '', "$joined subscribers joining a busy channel: each gets its head, then HEAD, then messages");
 
 ###############################################################################

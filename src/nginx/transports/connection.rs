@@ -686,6 +686,9 @@ impl Subscriber {
         // SAFETY: the request is alive and its header not sent yet
         let r = unsafe { &mut *self.r };
         r.set_keepalive(0);
+        // messages that reached a subscriber admitted at once, before its answer was due
+        // (its channels were listened already): they follow the head and header template
+        let early = std::mem::take(&mut self.out);
         let mut refusal = None;
         match self.framing {
             Framing::WebSocket => {
@@ -736,6 +739,9 @@ impl Subscriber {
                 values::padding_bytes(n, eventsource, &mut head);
             }
             self.push_text(&head);
+        }
+        for frame in early.chunks {
+            self.put(frame);
         }
         self.arm_ping();
         if self.lcf.subscriber_connection_ttl != nginx_sys::NGX_CONF_UNSET as ngx_msec_t {
