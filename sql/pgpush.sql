@@ -1,8 +1,10 @@
--- pgpush's message store (push_stream_store_messages on), version 1.
+-- pgpush's message store (push_stream_store_messages on), version 2.
 --
 -- nginx installs this itself on its first connection when a location stores messages,
 -- unless "push_stream_postgres_schema_install off": then a DBA runs this file (psql -f).
--- Installing again is harmless. With "push_stream_postgres_schema NAME", nginx reads
+-- Installing again is harmless; nginx skips it when the recorded version is current (an
+-- install's DDL locks the tables, so every worker running it at every start would
+-- collide with the others' publishes). With "push_stream_postgres_schema NAME", nginx reads
 -- every "pgpush." below as "NAME."; run the file through sed for the same by hand.
 --
 -- Each channel numbers its messages 1, 2, 3... (the "offset", push-stream's message id)
@@ -215,4 +217,4 @@ CREATE OR REPLACE FUNCTION pgpush.reset(channel text) RETURNS void LANGUAGE sql 
 $$;
 
 DELETE FROM pgpush.schema_version;
-INSERT INTO pgpush.schema_version VALUES (1);
+INSERT INTO pgpush.schema_version VALUES (2);

@@ -113,6 +113,46 @@ pub fn install_sql(schema: &str) -> String {
         .replace("pgpush.", &format!("{q}."))
 }
 
+/// The version the shipped script records (`INSERT INTO pgpush.schema_version VALUES (N)`).
+pub fn schema_version() -> i32 {
+    const MARK: &str = "INSERT INTO pgpush.schema_version VALUES (";
+    SCHEMA_SQL
+        .split_once(MARK)
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Installs or upgrades the schema, unless it is current: the script's DDL takes strong
+/// locks on the tables, so running it on every connect of every worker would collide with
+/// other sessions' publishes (even deadlock). Under the script's own advisory lock, so
+/// that one session installs while the others wait and then find it current.
+async fn install(client: &Client, schema: &str) -> Result<(), tokio_postgres::Error> {
+    client.batch_execute("BEGIN; SELECT pg_advisory_xact_lock(7310151040527013617)").await?;
+    let done = async {
+        let table = format!("{}.schema_version", quote_ident(schema));
+        let exists: bool =
+            client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table]).await?.get(0);
+        let current: i32 = if exists {
+            client
+                .query_one(&format!("SELECT coalesce(max(version), 0) FROM {table}"), &[])
+                .await?
+                .get(0)
+        } else {
+            0
+        };
+        if current < schema_version() {
+            client.batch_execute(&install_sql(schema)).await?;
+        }
+        client.batch_execute("COMMIT").await
+    }
+    .await;
+    if done.is_err() {
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    done
+}
+
 impl Statements {
     /// Installs the schema if asked, then prepares the statements.
     pub async fn prepare(
@@ -120,7 +160,7 @@ impl Statements {
         cfg: &StoreConfig,
     ) -> Result<Self, tokio_postgres::Error> {
         if cfg.install {
-            client.batch_execute(&format!("BEGIN;\n{}\nCOMMIT;", install_sql(&cfg.schema))).await?;
+            install(client, &cfg.schema).await?;
         }
         let s = quote_ident(&cfg.schema);
         let publish = client
@@ -373,5 +413,18 @@ mod tests {
         assert!(!sql.contains(" pgpush."));
         assert!(sql.contains("'pgpush_' || md5(channel)"));
         assert_eq!(install_sql("pgpush"), SCHEMA_SQL);
+    }
+
+    /// nginx skips an install whose version is current: a change to the script must come
+    /// with a new version, or running installs would never get it.
+    #[test]
+    fn a_changed_script_has_a_new_version() {
+        use md5::{Digest, Md5};
+        let hash: String = Md5::digest(SCHEMA_SQL).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            (schema_version(), hash.as_str()),
+            (2, "a502e1063c22efd40d3dda8b1350a0d5"),
+            "sql/pgpush.sql changed: raise the version it records, then update this test"
+        );
     }
 }
