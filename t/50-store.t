@@ -31,7 +31,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(52);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(53);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -119,7 +119,7 @@ EOF
 
 $t->run();
 ok($pg->wait_sessions(2), 'side connections');
-is($pg->query('SELECT version FROM pgpush.schema_version')->[0][0], 1, 'schema installed, version 1');
+is($pg->query('SELECT version FROM pgpush.schema_version')->[0][0], 2, 'schema installed, version 2');
 
 sub pub {
 	my ($ch, $msg, %h) = @_;
@@ -383,6 +383,19 @@ for (1 .. 10) {
 my %distinct = map { $_ => 1 } @answers;
 is(join(' | ', sort keys %distinct), '4:h45:h56:h6 | 5:h56:h6',
 	'resumes on a live channel: the same answers, whichever worker or source');
+
+# a schema of an older version is upgraded when the side connections come back
+$pg->do('UPDATE pgpush.schema_version SET version = 1');
+$pg->do('DROP FUNCTION pgpush.reset(text)');
+$pg->terminate_sessions();
+my $upgraded = '';
+for (1 .. 50) {
+	$upgraded = $pg->query("SELECT (SELECT max(version) FROM pgpush.schema_version) || ' '
+		|| (to_regprocedure('pgpush.reset(text)') IS NOT NULL)")->[0][0];
+	last if $upgraded eq '2 true';
+	sleep(0.1);
+}
+is($upgraded, '2 true', 'an older schema is upgraded on reconnect');
 $t->stop();
 my @cached = $t->read_file('error.log') =~ /store: (\d+) of \d+ resumes answered from the recent-message cache/g;
 my $hits = 0;

@@ -22,6 +22,7 @@ mod events;
 mod hooks;
 mod http;
 mod lifecycle;
+mod node;
 mod publisher;
 mod stats;
 mod transports;
@@ -188,10 +189,14 @@ extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
 extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     // SAFETY: nginx passes the new cycle
     let cycle = unsafe { &mut *cycle };
-    match check_workers(cycle) {
-        Ok(()) => Status::NGX_OK.into(),
-        Err(()) => Status::NGX_ERROR.into(),
+    if check_workers(cycle).is_err() {
+        return Status::NGX_ERROR.into();
     }
+    if let Err(msg) = node::prepare(cycle, HttpPgPushModule::main_conf(cycle)) {
+        ngx::ngx_log_error!(NGX_LOG_EMERG, cycle.log, "pgpush: {}", msg);
+        return Status::NGX_ERROR.into();
+    }
+    Status::NGX_OK.into()
 }
 
 /// Without PostgreSQL every worker is an island: a message published in one worker would

@@ -28,7 +28,7 @@ use ngx::http::HttpModuleMainConf;
 use crate::nginx::HttpPgPushModule;
 use crate::postgres::cells::Reply;
 use crate::postgres::store::{Since, Stored};
-use crate::postgres::{Bridge, Command, Event, HookCall, Level, Publish, SideConnection};
+use crate::postgres::{Bridge, Command, Event, HookCall, Level, Parts, Publish, SideConnection};
 use crate::protocol::{channels, payload};
 
 /// How long `exit_process` waits for the tokio side to close its connection.
@@ -160,8 +160,7 @@ pub fn start(
                 timeout,
                 bridge.clone(),
                 worker,
-                hooks,
-                store,
+                Parts { hooks, store, peers: crate::nginx::node::peers(worker) },
             )
             .map_err(|e| format!("cannot start the postgres thread: {e}"))?;
             Some(side)

@@ -7,6 +7,7 @@
 pub mod bridge;
 pub mod cells;
 pub mod hooks;
+pub mod node;
 pub mod store;
 
 use std::collections::BTreeSet;
@@ -42,6 +43,10 @@ pub enum Command {
         channels: Vec<(String, store::Since)>,
     },
     Stop,
+    /// A follower's request, read by the node's leader (`push_stream_postgres_node_listener`).
+    Peer(usize, node::ToLeader),
+    /// The node's leader (re)started: a follower sends it every channel it wants.
+    Resync,
 }
 
 /// One message to publish.
@@ -63,6 +68,16 @@ const PUBLISH_SQL: &str = "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::te
 const LIVENESS_INTERVAL: Duration = Duration::from_secs(30);
 const LIVENESS_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What a worker's side thread serves besides LISTEN and publish.
+pub struct Parts {
+    /// A second connection for the SQL hooks.
+    pub hooks: bool,
+    /// The message store, when some location stores messages.
+    pub store: Option<store::StoreConfig>,
+    /// The node's other workers (`push_stream_postgres_node_listener`).
+    pub peers: node::Peers,
+}
+
 /// The worker's handle on its side thread.
 pub struct SideConnection {
     tx: mpsc::UnboundedSender<Command>,
@@ -82,10 +97,11 @@ impl SideConnection {
         timeout: Duration,
         bridge: Arc<Bridge>,
         worker: usize,
-        with_hooks: bool,
-        store: Option<store::StoreConfig>,
+        parts: Parts,
     ) -> io::Result<Self> {
+        let Parts { hooks: with_hooks, store, peers } = parts;
         let (tx, rx) = mpsc::unbounded_channel();
+        let commands = tx.downgrade();
         let (hooks, hooks_rx) = if with_hooks {
             let (t, r) = mpsc::unbounded_channel();
             (Some(t), Some(r))
@@ -108,7 +124,8 @@ impl SideConnection {
                         let hooks = hooks_rx.map(|r| {
                             tokio::spawn(hooks::run(config.clone(), reconnect, r, bridge.clone()))
                         });
-                        run(config, reconnect, timeout, store, rx, bridge.clone()).await;
+                        let node = node::Node::start(peers, commands, bridge.clone());
+                        run(config, reconnect, timeout, store, rx, bridge.clone(), node).await;
                         // the hooks finish what is queued (unsubscribes at shutdown)
                         if let Some(h) = hooks {
                             let _ = h.await;
@@ -235,12 +252,16 @@ impl Wanted {
         cmd: Option<Command>,
         attempting: bool,
         bridge: &Bridge,
+        node: &mut node::Node,
     ) -> bool {
+        let mut replies = node::Replies::default();
         match cmd {
             None | Some(Command::Stop) => return true,
             Some(Command::Listen(ch)) => {
-                self.channels.insert(ch.clone());
-                if attempting {
+                node.listen(&ch, &mut self.channels, &mut replies);
+                if !node.listens() {
+                    // the leader acknowledges it
+                } else if attempting {
                     self.unacked.push(ch);
                 } else {
                     // LISTENed on reconnect; nothing can be delivered before that anyway
@@ -248,8 +269,14 @@ impl Wanted {
                 }
             }
             Some(Command::Unlisten(ch)) => {
-                self.channels.remove(&ch);
+                node.unlisten(&ch, &mut self.channels, &mut replies);
             }
+            Some(Command::Peer(w, msg)) => {
+                // LISTENed on reconnect: acknowledged at once, as the worker's own
+                let (mut listen, mut unlisten) = (Vec::new(), Vec::new());
+                node.peer(w, msg, &mut self.channels, &mut listen, &mut unlisten, &mut replies);
+            }
+            Some(Command::Resync) => node.resync(&self.channels, &mut replies),
             Some(Command::Publish(publish)) => {
                 let deadline = Instant::now() + self.publish_timeout;
                 self.held.push(Held { publish, deadline });
@@ -258,6 +285,7 @@ impl Wanted {
                 bridge.push(Event::History { id, result: Err(DOWN.into()) });
             }
         }
+        node.reply(replies);
         false
     }
 
@@ -308,6 +336,7 @@ async fn run(
     store: Option<store::StoreConfig>,
     mut rx: mpsc::UnboundedReceiver<Command>,
     bridge: Arc<Bridge>,
+    mut node: node::Node,
 ) {
     let target = conninfo::describe(&config);
     let seed = u64::from(std::process::id()) ^ now_nanos();
@@ -322,7 +351,7 @@ async fn run(
         let connected = loop {
             tokio::select! {
                 r = &mut connect => break r,
-                cmd = rx.recv() => if wanted.apply_while_down(cmd, true, &bridge) { return },
+                cmd = rx.recv() => if wanted.apply_while_down(cmd, true, &bridge, &mut node) { return },
                 _ = until(wanted.next_deadline()) => wanted.expire(&bridge),
             }
         };
@@ -347,7 +376,7 @@ async fn run(
                     bridge
                         .log(Level::Debug, format!("connect() to {target} failed: {}", chain(&e)));
                 }
-                if sleep_or_stop(delay, &mut rx, &mut wanted, &bridge).await {
+                if sleep_or_stop(delay, &mut rx, &mut wanted, &bridge, &mut node).await {
                     return;
                 }
                 continue;
@@ -358,9 +387,19 @@ async fn run(
         // come before nginx is told of the reconnect wait for it, so that a channel's
         // catch-up (or gap message) comes before anything sent after the outage.
         let b = bridge.clone();
+        let router = node.router();
         let (open, mut opened) = tokio::sync::oneshot::channel::<()>();
         let mut driver = tokio::spawn(async move {
             let mut early = Some(Vec::new());
+            // the node's leader hands the other workers their notifications
+            let route = |e: Event| match (&router, e) {
+                (Some(r), Event::Notification { channel, payload }) => {
+                    if r.route(&channel, &payload) {
+                        b.push(Event::Notification { channel, payload });
+                    }
+                }
+                (_, e) => b.push(e),
+            };
             loop {
                 // once a read's notifications are all pushed, nginx hears of them
                 let next = poll_fn(|cx| {
@@ -373,7 +412,7 @@ async fn run(
                 let next = tokio::select! {
                     biased;
                     _ = &mut opened, if early.is_some() => {
-                        early.take().into_iter().flatten().for_each(|e| b.push(e));
+                        early.take().into_iter().flatten().for_each(route);
                         continue;
                     }
                     next = next => next,
@@ -386,7 +425,7 @@ async fn run(
                         };
                         match early.as_mut() {
                             Some(held) => held.push(e),
-                            None => b.push(e),
+                            None => route(e),
                         }
                     }
                     Some(Ok(AsyncMessage::Notice(n))) => {
@@ -399,7 +438,12 @@ async fn run(
             }
         });
 
-        let relisten = listen_sql("LISTEN", wanted.channels.iter());
+        // a follower's channels are its leader's to LISTEN
+        let relisten = if node.listens() {
+            listen_sql("LISTEN", wanted.channels.iter())
+        } else {
+            String::new()
+        };
         let setup = async {
             // a notification is not durable (PostgreSQL's queue does not survive a
             // restart), so its commit need not wait for the WAL flush (DESIGN.md)
@@ -423,7 +467,7 @@ async fn run(
                     Level::Error,
                     format!("LISTEN on postgres {target} failed: {}", chain(&e)),
                 );
-                if sleep_or_stop(backoff.step(), &mut rx, &mut wanted, &bridge).await {
+                if sleep_or_stop(backoff.step(), &mut rx, &mut wanted, &bridge, &mut node).await {
                     return;
                 }
                 continue;
@@ -441,7 +485,12 @@ async fn run(
         } else {
             bridge.log(Level::Notice, format!("connected to postgres {target}"));
         }
-        bridge.push(Event::Connected { relistened: ever_connected });
+        if node.listens() {
+            bridge.push(Event::Connected { relistened: ever_connected });
+        }
+        if ever_connected {
+            node.tell_followers(&node::ToFollower::Relistened);
+        }
         let _ = open.send(());
         if !wanted.unacked.is_empty() {
             bridge.push(Event::Listening(std::mem::take(&mut wanted.unacked)));
@@ -458,7 +507,7 @@ async fn run(
         };
         let outcome = match session.publish_batch(held).await {
             Err(why) => Outcome::Lost(why),
-            Ok(()) => session.serve(&mut driver, &mut rx, &mut wanted).await,
+            Ok(()) => session.serve(&mut driver, &mut rx, &mut wanted, &mut node).await,
         };
         driver.abort();
         drop(client);
@@ -469,10 +518,13 @@ async fn run(
                     Level::Error,
                     format!("connection to postgres {target} lost: {why}; reconnecting"),
                 );
-                bridge.push(Event::Disconnected);
+                if node.listens() {
+                    bridge.push(Event::Disconnected);
+                }
+                node.tell_followers(&node::ToFollower::Down);
                 // the outage is logged: further failed attempts go to the debug log
                 failures = 1;
-                if sleep_or_stop(backoff.step(), &mut rx, &mut wanted, &bridge).await {
+                if sleep_or_stop(backoff.step(), &mut rx, &mut wanted, &bridge, &mut node).await {
                     return;
                 }
             }
@@ -496,6 +548,7 @@ impl Session<'_> {
         driver: &mut tokio::task::JoinHandle<String>,
         rx: &mut mpsc::UnboundedReceiver<Command>,
         wanted: &mut Wanted,
+        node: &mut node::Node,
     ) -> Outcome {
         let mut tick = tokio::time::interval(LIVENESS_INTERVAL);
         tick.tick().await;
@@ -514,7 +567,7 @@ impl Session<'_> {
                     while let Ok(c) = rx.try_recv() {
                         batch.push(c);
                     }
-                    let done = self.run_batch(batch, wanted).await;
+                    let done = self.run_batch(batch, wanted, node).await;
                     self.bridge.pay();
                     match done {
                         Ok(true) => return Outcome::Stop,
@@ -552,27 +605,43 @@ impl Session<'_> {
 
     /// One batch of commands: all (UN)LISTENs in one round trip, then the publishes.
     /// Returns true on Stop.
-    async fn run_batch(&self, batch: Vec<Command>, wanted: &mut Wanted) -> Result<bool, String> {
+    async fn run_batch(
+        &self,
+        batch: Vec<Command>,
+        wanted: &mut Wanted,
+        node: &mut node::Node,
+    ) -> Result<bool, String> {
         let mut sql = String::new();
         let mut listened = Vec::new();
         let mut publishes = Vec::new();
         let mut histories = Vec::new();
         let mut fresh = Vec::new();
         let mut stop = false;
+        let mut replies = node::Replies::default();
         for c in batch {
             match c {
                 Command::Listen(ch) => {
-                    if wanted.channels.insert(ch.clone()) {
+                    if node.listen(&ch, &mut wanted.channels, &mut replies) {
                         sql.push_str(&listen_sql("LISTEN", [&ch].into_iter()));
-                        fresh.push(ch.clone());
                     }
-                    listened.push(ch);
+                    fresh.push(ch.clone());
+                    if node.listens() {
+                        listened.push(ch);
+                    }
                 }
                 Command::Unlisten(ch) => {
-                    if wanted.channels.remove(&ch) {
+                    if node.unlisten(&ch, &mut wanted.channels, &mut replies) {
                         sql.push_str(&listen_sql("UNLISTEN", [&ch].into_iter()));
                     }
                 }
+                Command::Peer(w, msg) => {
+                    let (mut listen, mut unlisten) = (Vec::new(), Vec::new());
+                    let channels = &mut wanted.channels;
+                    node.peer(w, msg, channels, &mut listen, &mut unlisten, &mut replies);
+                    sql.push_str(&listen_sql("UNLISTEN", unlisten.iter()));
+                    sql.push_str(&listen_sql("LISTEN", listen.iter()));
+                }
+                Command::Resync => node.resync(&wanted.channels, &mut replies),
                 Command::Publish(p) => publishes.push(p),
                 Command::History { id, channels } => histories.push((id, channels)),
                 Command::Stop => stop = true,
@@ -600,6 +669,7 @@ impl Session<'_> {
         if !listened.is_empty() {
             self.bridge.push(Event::Listening(listened));
         }
+        node.reply(replies);
         self.publish_batch(publishes).await?;
         for (id, channels) in histories {
             self.history(id, channels).await?;
@@ -743,13 +813,14 @@ async fn sleep_or_stop(
     rx: &mut mpsc::UnboundedReceiver<Command>,
     wanted: &mut Wanted,
     bridge: &Bridge,
+    node: &mut node::Node,
 ) -> bool {
     let sleep = tokio::time::sleep(delay);
     tokio::pin!(sleep);
     loop {
         tokio::select! {
             _ = &mut sleep => return false,
-            cmd = rx.recv() => if wanted.apply_while_down(cmd, false, bridge) { return true },
+            cmd = rx.recv() => if wanted.apply_while_down(cmd, false, bridge, node) { return true },
             _ = until(wanted.next_deadline()) => wanted.expire(bridge),
         }
     }

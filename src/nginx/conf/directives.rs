@@ -147,7 +147,7 @@ const STR_NONEMPTY: Kind = Kind::Str { nonempty: true };
 /// Every directive pgpush accepts: push-stream 0.6.0's, the fork's `*_request` hooks, and
 /// our `push_stream_postgres*`. README.md's directive reference must list each one (t/00).
 #[rustfmt::skip]
-pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 50] = [
+pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 51] = [
     /* locations and their role */
     loc!("push_stream_channels_statistics", NGX_CONF_NOARGS, channels_statistics, Custom(set_channels_statistics), READY),
     loc!("push_stream_publisher", NGX_CONF_NOARGS | T1, publisher, Custom(set_publisher), READY),
@@ -203,6 +203,7 @@ pub static mut NGX_HTTP_PGPUSH_COMMANDS: [ngx_command_t; 50] = [
     main!("push_stream_postgres_publish_timeout", T1, postgres_publish_timeout, MSEC, READY),
     main!("push_stream_postgres_schema", T1, postgres_schema, STR_NONEMPTY, READY),
     main!("push_stream_postgres_schema_install", T1, postgres_schema_install, Flag, READY),
+    main!("push_stream_postgres_node_listener", T1, postgres_node_listener, Flag, READY),
     any!("push_stream_postgres_on_subscribe", NGX_CONF_1MORE, postgres_on_subscribe, Custom(set_sql_hook), READY),
     any!("push_stream_postgres_on_unsubscribe", NGX_CONF_1MORE, postgres_on_unsubscribe, Custom(set_sql_hook), READY),
     any!("push_stream_postgres_on_publish", NGX_CONF_1MORE, postgres_on_publish, Custom(set_sql_hook), READY),

@@ -60,6 +60,8 @@ pub struct MainConf {
     pub postgres_schema: ngx_str_t,
     /// Whether nginx installs the store's schema (`push_stream_postgres_schema_install`).
     pub postgres_schema_install: ngx_flag_t,
+    /// One listening connection per node (`push_stream_postgres_node_listener`).
+    pub postgres_node_listener: ngx_flag_t,
     /// Some location stores messages: the side connections use the store.
     pub store: bool,
 
@@ -96,6 +98,7 @@ impl Default for MainConf {
             postgres_publish_timeout: NGX_CONF_UNSET_MSEC,
             postgres_schema: NULL_STR,
             postgres_schema_install: NGX_CONF_UNSET as ngx_flag_t,
+            postgres_node_listener: NGX_CONF_UNSET as ngx_flag_t,
             store: false,
             has_push_locations: false,
             has_sql_hooks: false,
@@ -124,6 +127,7 @@ impl MainConf {
         init(&mut self.postgres_publish_timeout, NGX_CONF_UNSET_MSEC, 5000);
         init_str(&mut self.postgres_schema, "pgpush");
         init(&mut self.postgres_schema_install, NGX_CONF_UNSET as ngx_flag_t, 1);
+        init(&mut self.postgres_node_listener, NGX_CONF_UNSET as ngx_flag_t, 0);
     }
 
     /// How the side connections use the store, when some location stores messages.

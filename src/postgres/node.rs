@@ -1,0 +1,660 @@
+//! One listener per node (`push_stream_postgres_listen node`).
+//!
+//! Worker 0's side connection LISTENs for the whole node, on the union of every worker's
+//! channels; the other workers' side connections never LISTEN, so a notifying commit
+//! wakes one session per node instead of one per worker. The workers talk over unix
+//! datagram socket pairs made by the master before the fork (one pair per worker), so a
+//! worker that nginx respawns after a crash finds its pair again.
+//!
+//! A follower (every other worker) sends its LISTENs and UNLISTENs to the leader, which
+//! acknowledges a LISTEN once it is done and routes each notification to the workers
+//! whose channel it is. A follower still has its own connection for publishing, history
+//! and the cleaner. When the leader's connection comes back it tells every follower,
+//! which then catches up as after a reconnect of its own; a leader that restarts (a
+//! crash) asks every follower for its whole set of channels.
+//!
+//! The datagrams are tiny tagged records: this module encodes and decodes them.
+
+use std::collections::{BTreeSet, HashMap};
+use std::os::unix::net::UnixDatagram;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+use super::{Bridge, Command, Event, Level};
+
+/// A follower to the leader.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ToLeader {
+    /// The follower's whole set of channels, replacing what the leader knew of it: sent
+    /// when the follower starts and when a new leader asks. Answered with
+    /// [`ToFollower::Relistened`] once they are all LISTENed.
+    Sync {
+        nonce: u64,
+        names: Vec<String>,
+    },
+    /// LISTEN these too; answered with [`ToFollower::Ack`].
+    Listen {
+        nonce: u64,
+        names: Vec<String>,
+    },
+    Unlisten {
+        names: Vec<String>,
+    },
+}
+
+/// The leader to a follower.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ToFollower {
+    /// A leader started: send your whole set ([`ToLeader::Sync`]).
+    Hello,
+    /// These channels of the follower's session `nonce` are LISTENed.
+    Ack {
+        nonce: u64,
+        names: Vec<String>,
+    },
+    Notify {
+        channel: String,
+        payload: String,
+    },
+    /// The leader's connection is up again with every channel LISTENed: what was
+    /// notified meanwhile is lost, catch up.
+    Relistened,
+    /// The leader's connection is down.
+    Down,
+}
+
+fn put_names(names: &[String], out: &mut Vec<u8>) {
+    for n in names {
+        let len = u16::try_from(n.len()).unwrap_or(u16::MAX);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&n.as_bytes()[..usize::from(len)]);
+    }
+}
+
+fn get_names(mut b: &[u8]) -> Option<Vec<String>> {
+    let mut names = Vec::new();
+    while !b.is_empty() {
+        let len = usize::from(u16::from_le_bytes(b.get(..2)?.try_into().ok()?));
+        let name = b.get(2..2 + len)?;
+        names.push(String::from_utf8(name.to_vec()).ok()?);
+        b = &b[2 + len..];
+    }
+    Some(names)
+}
+
+fn get_nonce(b: &[u8]) -> Option<(u64, &[u8])> {
+    let nonce = u64::from_le_bytes(b.get(..8)?.try_into().ok()?);
+    Some((nonce, &b[8..]))
+}
+
+impl ToLeader {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self {
+            ToLeader::Sync { nonce, names } | ToLeader::Listen { nonce, names } => {
+                out.push(if matches!(self, ToLeader::Sync { .. }) { b'S' } else { b'L' });
+                out.extend_from_slice(&nonce.to_le_bytes());
+                put_names(names, &mut out);
+            }
+            ToLeader::Unlisten { names } => {
+                out.push(b'U');
+                put_names(names, &mut out);
+            }
+        }
+        out
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        let (&tag, rest) = b.split_first()?;
+        Some(match tag {
+            b'S' | b'L' => {
+                let (nonce, rest) = get_nonce(rest)?;
+                let names = get_names(rest)?;
+                if tag == b'S' {
+                    ToLeader::Sync { nonce, names }
+                } else {
+                    ToLeader::Listen { nonce, names }
+                }
+            }
+            b'U' => ToLeader::Unlisten { names: get_names(rest)? },
+            _ => return None,
+        })
+    }
+}
+
+impl ToFollower {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self {
+            ToFollower::Hello => out.push(b'H'),
+            ToFollower::Ack { nonce, names } => {
+                out.push(b'A');
+                out.extend_from_slice(&nonce.to_le_bytes());
+                put_names(names, &mut out);
+            }
+            ToFollower::Notify { channel, payload } => notify(channel, payload, &mut out),
+            ToFollower::Relistened => out.push(b'R'),
+            ToFollower::Down => out.push(b'D'),
+        }
+        out
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        let (&tag, rest) = b.split_first()?;
+        Some(match tag {
+            b'H' => ToFollower::Hello,
+            b'A' => {
+                let (nonce, rest) = get_nonce(rest)?;
+                ToFollower::Ack { nonce, names: get_names(rest)? }
+            }
+            b'N' => {
+                let len = usize::from(u16::from_le_bytes(rest.get(..2)?.try_into().ok()?));
+                let channel = String::from_utf8(rest.get(2..2 + len)?.to_vec()).ok()?;
+                let payload = String::from_utf8(rest[2 + len..].to_vec()).ok()?;
+                ToFollower::Notify { channel, payload }
+            }
+            b'R' => ToFollower::Relistened,
+            b'D' => ToFollower::Down,
+            _ => return None,
+        })
+    }
+}
+
+/// A notification's datagram, written without building a [`ToFollower`].
+pub fn notify(channel: &str, payload: &str, out: &mut Vec<u8>) {
+    out.push(b'N');
+    put_names(&[channel.to_string()], out);
+    out.extend_from_slice(payload.as_bytes());
+}
+
+/// Which workers want which channel: bit `w` for worker `w` (at most 64 workers).
+#[derive(Default, Debug)]
+pub struct Routes {
+    masks: HashMap<String, u64>,
+}
+
+impl Routes {
+    /// Worker `w` wants `channel`; true when the node did not listen to it yet.
+    pub fn add(&mut self, channel: &str, w: usize) -> bool {
+        match self.masks.get_mut(channel) {
+            Some(m) => {
+                *m |= 1 << w;
+                false
+            }
+            None => {
+                self.masks.insert(channel.to_string(), 1 << w);
+                true
+            }
+        }
+    }
+
+    /// Worker `w` no longer wants `channel`; true when no worker does any more.
+    pub fn remove(&mut self, channel: &str, w: usize) -> bool {
+        let Some(m) = self.masks.get_mut(channel) else {
+            return false;
+        };
+        *m &= !(1 << w);
+        if *m == 0 {
+            self.masks.remove(channel);
+            return true;
+        }
+        false
+    }
+
+    /// Forgets every channel of worker `w`; gives those no worker wants any more.
+    pub fn clear(&mut self, w: usize) -> Vec<String> {
+        let mut gone = Vec::new();
+        self.masks.retain(|ch, m| {
+            *m &= !(1 << w);
+            if *m == 0 {
+                gone.push(ch.clone());
+            }
+            *m != 0
+        });
+        gone
+    }
+
+    pub fn mask(&self, channel: &str) -> u64 {
+        self.masks.get(channel).copied().unwrap_or(0)
+    }
+}
+
+/// The sockets a worker's side thread gets: made by the master before the fork.
+pub enum Peers {
+    /// One side connection per worker (the default, or a single worker).
+    Alone,
+    /// Worker `me` listens for the node; `followers[w]` reaches worker `w`.
+    Leader {
+        me: usize,
+        followers: Vec<Option<UnixDatagram>>,
+    },
+    Follower {
+        leader: UnixDatagram,
+    },
+}
+
+/// Routes a notification: to the worker's own nginx thread when it wants the channel,
+/// and to each follower that does.
+#[derive(Clone)]
+pub struct Router {
+    me: u64,
+    routes: Arc<Mutex<Routes>>,
+    outbox: Arc<Vec<Option<Outbox>>>,
+}
+
+type Outbox = mpsc::UnboundedSender<Vec<u8>>;
+
+impl Router {
+    /// True when the worker's own subscribers want it.
+    pub fn route(&self, channel: &str, payload: &str) -> bool {
+        let mask = self.routes.lock().mask(channel);
+        let others = mask & !self.me;
+        if others != 0 {
+            let mut d = Vec::with_capacity(channel.len() + payload.len() + 3);
+            notify(channel, payload, &mut d);
+            for (w, out) in self.outbox.iter().enumerate() {
+                if let Some(out) = out.as_ref().filter(|_| others & (1 << w) != 0) {
+                    let _ = out.send(d.clone());
+                }
+            }
+        }
+        mask & self.me != 0
+    }
+}
+
+/// The worker's part in the node: what its side connection does with LISTENs.
+pub enum Node {
+    Alone,
+    Leader { me: usize, router: Router, nonces: Vec<u64> },
+    Follower { nonce: u64, outbox: Outbox },
+}
+
+/// What a batch of commands asks of the node, once its statements have run.
+#[derive(Default)]
+pub struct Replies {
+    acks: Vec<(usize, u64, Vec<String>)>,
+    synced: Vec<usize>,
+    to_leader: Vec<ToLeader>,
+}
+
+impl Node {
+    /// Starts the socket tasks (inside the side thread's runtime). `commands` feeds a
+    /// follower's requests (leader) or a leader's hello (follower) into the command loop.
+    pub fn start(
+        peers: Peers,
+        commands: mpsc::WeakUnboundedSender<Command>,
+        bridge: Arc<Bridge>,
+    ) -> Node {
+        match peers {
+            Peers::Alone => Node::Alone,
+            Peers::Leader { me, followers } => {
+                let mut outbox = Vec::new();
+                for (w, sock) in followers.into_iter().enumerate() {
+                    let Some(sock) = sock.and_then(|s| tokio_socket(s, &bridge)) else {
+                        outbox.push(None);
+                        continue;
+                    };
+                    let sock = Arc::new(sock);
+                    tokio::spawn(read_requests(w, sock.clone(), commands.clone(), bridge.clone()));
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    tokio::spawn(send_all(sock, rx, bridge.clone(), Some(ToFollower::Relistened)));
+                    // a leader that starts asks every follower for its channels
+                    let _ = tx.send(ToFollower::Hello.encode());
+                    outbox.push(Some(tx));
+                }
+                let nonces = vec![0; outbox.len()];
+                let router =
+                    Router { me: 1 << me, routes: Arc::default(), outbox: Arc::new(outbox) };
+                Node::Leader { me, router, nonces }
+            }
+            Peers::Follower { leader } => {
+                let Some(sock) = tokio_socket(leader, &bridge) else {
+                    return Node::Alone;
+                };
+                let sock = Arc::new(sock);
+                let nonce = u64::from(std::process::id()) << 32 ^ super::now_nanos();
+                tokio::spawn(read_leader(sock.clone(), nonce, commands, bridge.clone()));
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(send_all(sock, rx, bridge, None));
+                // a follower that starts has no channel yet: whatever a former process in
+                // its place had is dropped
+                let _ = tx.send(ToLeader::Sync { nonce, names: Vec::new() }.encode());
+                Node::Follower { nonce, outbox: tx }
+            }
+        }
+    }
+
+    /// Whether this side connection LISTENs itself.
+    pub fn listens(&self) -> bool {
+        !matches!(self, Node::Follower { .. })
+    }
+
+    pub fn router(&self) -> Option<Router> {
+        match self {
+            Node::Leader { router, .. } => Some(router.clone()),
+            _ => None,
+        }
+    }
+
+    /// The worker LISTENs `ch`: true when the connection must LISTEN it now (false for
+    /// a follower, whose leader does; `to_leader` then carries it).
+    pub fn listen(
+        &mut self,
+        ch: &str,
+        channels: &mut BTreeSet<String>,
+        replies: &mut Replies,
+    ) -> bool {
+        match self {
+            Node::Alone => channels.insert(ch.to_string()),
+            Node::Leader { me, router, .. } => {
+                let first = router.routes.lock().add(ch, *me);
+                first && channels.insert(ch.to_string())
+            }
+            Node::Follower { nonce, .. } => {
+                channels.insert(ch.to_string());
+                push_names(&mut replies.to_leader, *nonce, ch, false);
+                false
+            }
+        }
+    }
+
+    /// The worker UNLISTENs `ch`: true when the connection must UNLISTEN it now.
+    pub fn unlisten(
+        &mut self,
+        ch: &str,
+        channels: &mut BTreeSet<String>,
+        replies: &mut Replies,
+    ) -> bool {
+        match self {
+            Node::Alone => channels.remove(ch),
+            Node::Leader { me, router, .. } => {
+                let last = router.routes.lock().remove(ch, *me);
+                last && channels.remove(ch)
+            }
+            Node::Follower { .. } => {
+                channels.remove(ch);
+                push_names(&mut replies.to_leader, 0, ch, true);
+                false
+            }
+        }
+    }
+
+    /// A follower's request (leader only). Fills `listen`/`unlisten` with what the
+    /// connection must (UN)LISTEN for the node.
+    pub fn peer(
+        &mut self,
+        w: usize,
+        msg: ToLeader,
+        channels: &mut BTreeSet<String>,
+        listen: &mut Vec<String>,
+        unlisten: &mut Vec<String>,
+        replies: &mut Replies,
+    ) {
+        let Node::Leader { router, nonces, .. } = self else { return };
+        let Some(known) = nonces.get_mut(w) else { return };
+        let mut routes = router.routes.lock();
+        let (nonce, names, sync) = match msg {
+            ToLeader::Sync { nonce, names } => (nonce, names, true),
+            ToLeader::Listen { nonce, names } => (nonce, names, false),
+            ToLeader::Unlisten { names } => {
+                for n in names {
+                    if routes.remove(&n, w) && channels.remove(&n) {
+                        unlisten.push(n);
+                    }
+                }
+                return;
+            }
+        };
+        // a new process in the follower's place starts from nothing
+        let mut gone: std::collections::HashSet<String> = if sync || *known != nonce {
+            routes.clear(w).into_iter().collect()
+        } else {
+            Default::default()
+        };
+        *known = nonce;
+        for n in &names {
+            if routes.add(n, w) && !gone.remove(n) && channels.insert(n.clone()) {
+                listen.push(n.clone());
+            }
+        }
+        for n in gone {
+            if channels.remove(&n) {
+                unlisten.push(n);
+            }
+        }
+        if sync {
+            replies.synced.push(w);
+        } else {
+            replies.acks.push((w, nonce, names));
+        }
+    }
+
+    /// A new leader asked (follower only): the whole set goes to it.
+    pub fn resync(&self, channels: &BTreeSet<String>, replies: &mut Replies) {
+        if let Node::Follower { nonce, .. } = self {
+            let names = channels.iter().cloned().collect();
+            replies.to_leader.push(ToLeader::Sync { nonce: *nonce, names });
+        }
+    }
+
+    /// Sends what a batch owes the other workers, once its statements have run.
+    pub fn reply(&self, replies: Replies) {
+        match self {
+            Node::Alone => {}
+            Node::Leader { router, .. } => {
+                for (w, nonce, names) in replies.acks {
+                    router.send(w, &ToFollower::Ack { nonce, names });
+                }
+                for w in replies.synced {
+                    router.send(w, &ToFollower::Relistened);
+                }
+            }
+            Node::Follower { outbox, .. } => {
+                for m in replies.to_leader {
+                    let _ = outbox.send(m.encode());
+                }
+            }
+        }
+    }
+
+    /// The leader's connection is up again (every channel LISTENed), or down.
+    pub fn tell_followers(&self, msg: &ToFollower) {
+        if let Node::Leader { router, .. } = self {
+            for w in 0..router.outbox.len() {
+                router.send(w, msg);
+            }
+        }
+    }
+}
+
+impl Router {
+    fn send(&self, w: usize, msg: &ToFollower) {
+        if let Some(Some(out)) = self.outbox.get(w) {
+            let _ = out.send(msg.encode());
+        }
+    }
+}
+
+/// Appends `ch` to the last message if it is a LISTEN (or UNLISTEN) too.
+fn push_names(out: &mut Vec<ToLeader>, nonce: u64, ch: &str, unlisten: bool) {
+    match (out.last_mut(), unlisten) {
+        (Some(ToLeader::Listen { names, .. }), false)
+        | (Some(ToLeader::Unlisten { names }), true) => {
+            names.push(ch.to_string());
+        }
+        (_, false) => out.push(ToLeader::Listen { nonce, names: vec![ch.to_string()] }),
+        (_, true) => out.push(ToLeader::Unlisten { names: vec![ch.to_string()] }),
+    }
+}
+
+fn tokio_socket(s: UnixDatagram, bridge: &Bridge) -> Option<tokio::net::UnixDatagram> {
+    let s = s.set_nonblocking(true).and_then(|()| tokio::net::UnixDatagram::from_std(s));
+    match s {
+        Ok(s) => Some(s),
+        Err(e) => {
+            bridge.log(Level::Alert, format!("node listener: cannot use its socket: {e}"));
+            None
+        }
+    }
+}
+
+/// The largest datagram: a notification (8000 bytes) and its channel, with room to spare.
+const DATAGRAM: usize = 64 * 1024;
+/// How long a send may wait for a worker that does not read; past it, it is stalled.
+const STALL: Duration = Duration::from_secs(2);
+
+/// Sends datagrams in order. A peer that reads nothing for [`STALL`] (a crashed worker
+/// not yet replaced) is stalled: what is sent to it meanwhile is dropped without waiting,
+/// and `resume` (a follower's catch-up signal) goes first once it reads again.
+async fn send_all(
+    sock: Arc<tokio::net::UnixDatagram>,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    bridge: Arc<Bridge>,
+    resume: Option<ToFollower>,
+) {
+    let resume = resume.map(|m| m.encode());
+    let mut stalled = false;
+    while let Some(d) = rx.recv().await {
+        if stalled {
+            let back = resume.as_ref().map_or(Ok(0), |r| sock.try_send(r));
+            if back.is_err() {
+                continue;
+            }
+            stalled = false;
+            bridge.log(Level::Notice, "node listener: a worker reads its socket again".into());
+        }
+        match tokio::time::timeout(STALL, sock.send(&d)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                bridge.log(Level::Error, format!("node listener: send() failed: {e}"));
+            }
+            Err(_) => {
+                stalled = true;
+                bridge.log(
+                    Level::Error,
+                    "node listener: a worker has not read its socket for 2s; dropping what is                      sent to it until it reads again (it then catches up)"
+                        .into(),
+                );
+            }
+        }
+    }
+}
+
+/// The leader reads a follower's requests into its command loop.
+async fn read_requests(
+    w: usize,
+    sock: Arc<tokio::net::UnixDatagram>,
+    commands: mpsc::WeakUnboundedSender<Command>,
+    bridge: Arc<Bridge>,
+) {
+    let mut buf = vec![0u8; DATAGRAM];
+    loop {
+        let n = match sock.recv(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                bridge.log(Level::Error, format!("node listener: recv() failed: {e}"));
+                return;
+            }
+        };
+        let Some(msg) = ToLeader::decode(&buf[..n]) else {
+            bridge.log(Level::Error, "node listener: a request that does not parse".into());
+            continue;
+        };
+        let Some(tx) = commands.upgrade() else { return };
+        if tx.send(Command::Peer(w, msg)).is_err() {
+            return;
+        }
+    }
+}
+
+/// A follower reads what its leader sends.
+async fn read_leader(
+    sock: Arc<tokio::net::UnixDatagram>,
+    nonce: u64,
+    commands: mpsc::WeakUnboundedSender<Command>,
+    bridge: Arc<Bridge>,
+) {
+    let mut buf = vec![0u8; DATAGRAM];
+    loop {
+        let n = match sock.recv(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                bridge.log(Level::Error, format!("node listener: recv() failed: {e}"));
+                return;
+            }
+        };
+        match ToFollower::decode(&buf[..n]) {
+            Some(ToFollower::Notify { channel, payload }) => {
+                bridge.push(Event::Notification { channel, payload })
+            }
+            // acknowledgements for a former process in this worker's place are not ours
+            Some(ToFollower::Ack { nonce: n, names }) if n == nonce => {
+                bridge.push(Event::Listening(names))
+            }
+            Some(ToFollower::Ack { .. }) => {}
+            Some(ToFollower::Relistened) => bridge.push(Event::Connected { relistened: true }),
+            Some(ToFollower::Down) => bridge.push(Event::Disconnected),
+            Some(ToFollower::Hello) => {
+                let Some(tx) = commands.upgrade() else { return };
+                let _ = tx.send(Command::Resync);
+            }
+            None => {
+                bridge.log(Level::Error, "node listener: a datagram that does not parse".into())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let names = vec!["news".to_string(), String::new(), "é\n".to_string()];
+        for m in [
+            ToLeader::Sync { nonce: 7, names: names.clone() },
+            ToLeader::Listen { nonce: u64::MAX, names: vec![] },
+            ToLeader::Unlisten { names: names.clone() },
+        ] {
+            assert_eq!(ToLeader::decode(&m.encode()), Some(m));
+        }
+        for m in [
+            ToFollower::Hello,
+            ToFollower::Ack { nonce: 3, names },
+            ToFollower::Notify { channel: "a".into(), payload: "\u{1b}m{\"t\":1}".into() },
+            ToFollower::Notify { channel: String::new(), payload: String::new() },
+            ToFollower::Relistened,
+            ToFollower::Down,
+        ] {
+            assert_eq!(ToFollower::decode(&m.encode()), Some(m));
+        }
+    }
+
+    #[test]
+    fn truncated_or_unknown_datagrams_are_refused() {
+        assert_eq!(ToLeader::decode(b""), None);
+        assert_eq!(ToLeader::decode(b"S\x01\x02"), None);
+        assert_eq!(ToLeader::decode(b"U\x05\x00ab"), None);
+        assert_eq!(ToFollower::decode(b"N\x09\x00ab"), None);
+        assert_eq!(ToFollower::decode(b"Z"), None);
+    }
+
+    #[test]
+    fn routes_count_workers_per_channel() {
+        let mut r = Routes::default();
+        assert!(r.add("a", 0));
+        assert!(!r.add("a", 3));
+        assert!(r.add("b", 3));
+        assert_eq!(r.mask("a"), 0b1001);
+        assert!(!r.remove("a", 0));
+        assert!(!r.remove("x", 0));
+        let mut gone = r.clear(3);
+        gone.sort();
+        assert_eq!(gone, ["a", "b"]);
+        assert_eq!(r.mask("a"), 0);
+    }
+}
