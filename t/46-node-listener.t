@@ -26,7 +26,7 @@ use PgPush::PG;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(15);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(18);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -162,6 +162,24 @@ sub all_get {
 $pg->notify("ch$_", "hello$_") for 0 .. 5;
 is(all_get(\@subs), 18, 'a notification reaches the subscribers of every worker');
 
+# a burst of subscriptions on new channels: the followers' requests leave in batches
+my @burst;
+for my $i (1 .. 90) {
+	my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1:' . port(8080)) or die $!;
+	$s->syswrite("GET /sub?id=burst$i HTTP/1.0\r\nHost: localhost\r\n\r\n");
+	push @burst, { sock => $s, ch => "burst$i" };
+}
+my $heads = grep { read_for($_->{sock}, 5, qr/\r\n\r\n/) =~ /^HTTP\/1\.1 200/ } @burst;
+is($heads, 90, 'a burst of 90 subscribers on new channels: each answered');
+$pg->notify("burst$_", "b$_") for 1 .. 90;
+my $burst_ok = 0;
+for my $s (@burst) {
+	my $n = $s->{ch} =~ s/^burst//r;
+	$burst_ok++ if read_for($s->{sock}, 5, qr/:b$n\n/) =~ /^\d+:b$n$/m;
+}
+is($burst_ok, 90, 'and each gets its channel\'s message');
+close $_->{sock} for @burst;
+
 # the listening worker is killed while a stored channel gets 400 messages: the other
 # workers' subscribers get every one, in order, once
 my $leader = leader();
@@ -214,5 +232,6 @@ is(scalar keys %listeners, 1, 'through one listener');
 # the alerts expected are nginx's own about the killed workers
 my @alerts = grep { !/exited on signal 9/ } $t->read_file('error.log') =~ /^.*\[(?:alert|emerg|crit)\].*$/gm;
 is(join("\n", @alerts), '', 'no other alerts');
+unlike($t->read_file('error.log'), qr/node listener: .*(?:does not parse|failed)/, 'no node listener errors');
 
 ###############################################################################

@@ -517,7 +517,22 @@ async fn send_all(
 ) {
     let resume = resume.map(|m| m.encode());
     let mut stalled = false;
-    while let Some(d) = rx.recv().await {
+    while let Some(first) = rx.recv().await {
+        // what queued up meanwhile leaves in the same datagram
+        let d = match rx.try_recv() {
+            Err(_) => first,
+            Ok(second) => {
+                let mut batch = vec![BATCH];
+                for r in [first, second] {
+                    put_record(&r, &mut batch);
+                }
+                while batch.len() < DATAGRAM / 2 {
+                    let Ok(r) = rx.try_recv() else { break };
+                    put_record(&r, &mut batch);
+                }
+                batch
+            }
+        };
         if stalled {
             let back = resume.as_ref().map_or(Ok(0), |r| sock.try_send(r));
             if back.is_err() {
@@ -528,6 +543,12 @@ async fn send_all(
         }
         match tokio::time::timeout(STALL, sock.send(&d)).await {
             Ok(Ok(_)) => {}
+            // nobody holds the other end any more: its configuration's workers are gone
+            // (a reload, a shutdown) and so is anything to send them
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                bridge.log(Level::Info, "node listener: the other end has gone away".into());
+                return;
+            }
             Ok(Err(e)) => {
                 bridge.log(Level::Error, format!("node listener: send() failed: {e}"));
             }
@@ -535,7 +556,8 @@ async fn send_all(
                 stalled = true;
                 bridge.log(
                     Level::Error,
-                    "node listener: a worker has not read its socket for 2s; dropping what is                      sent to it until it reads again (it then catches up)"
+                    "node listener: a worker has not read its socket for 2s; dropping what is \
+                     sent to it until it reads again (it then catches up)"
                         .into(),
                 );
             }
@@ -559,13 +581,15 @@ async fn read_requests(
                 return;
             }
         };
-        let Some(msg) = ToLeader::decode(&buf[..n]) else {
-            bridge.log(Level::Error, "node listener: a request that does not parse".into());
-            continue;
-        };
-        let Some(tx) = commands.upgrade() else { return };
-        if tx.send(Command::Peer(w, msg)).is_err() {
-            return;
+        for record in records(&buf[..n]) {
+            let Some(msg) = ToLeader::decode(record) else {
+                bridge.log(Level::Error, "node listener: a request that does not parse".into());
+                continue;
+            };
+            let Some(tx) = commands.upgrade() else { return };
+            if tx.send(Command::Peer(w, msg)).is_err() {
+                return;
+            }
         }
     }
 }
@@ -586,7 +610,23 @@ async fn read_leader(
                 return;
             }
         };
-        match ToFollower::decode(&buf[..n]) {
+        for record in records(&buf[..n]) {
+            if !follow(record, nonce, &commands, &bridge) {
+                return;
+            }
+        }
+    }
+}
+
+/// Acts on one record from the leader; false when the worker is stopping.
+fn follow(
+    record: &[u8],
+    nonce: u64,
+    commands: &mpsc::WeakUnboundedSender<Command>,
+    bridge: &Bridge,
+) -> bool {
+    {
+        match ToFollower::decode(record) {
             Some(ToFollower::Notify { channel, payload }) => {
                 bridge.push(Event::Notification { channel, payload })
             }
@@ -598,7 +638,7 @@ async fn read_leader(
             Some(ToFollower::Relistened) => bridge.push(Event::Connected { relistened: true }),
             Some(ToFollower::Down) => bridge.push(Event::Disconnected),
             Some(ToFollower::Hello) => {
-                let Some(tx) = commands.upgrade() else { return };
+                let Some(tx) = commands.upgrade() else { return false };
                 let _ = tx.send(Command::Resync);
             }
             None => {
@@ -606,6 +646,30 @@ async fn read_leader(
             }
         }
     }
+    true
+}
+
+/// The tag of a datagram that carries several records, each after its u32 length.
+const BATCH: u8 = b'M';
+
+fn put_record(r: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(r.len() as u32).to_le_bytes());
+    out.extend_from_slice(r);
+}
+
+/// The records of a datagram: itself, or those of a batch (a truncated one ends early).
+pub fn records(mut d: &[u8]) -> Vec<&[u8]> {
+    if d.first() != Some(&BATCH) {
+        return vec![d];
+    }
+    d = &d[1..];
+    let mut out = Vec::new();
+    while let Some(len) = d.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes) {
+        let Some(r) = d.get(4..4 + len as usize) else { break };
+        out.push(r);
+        d = &d[4 + len as usize..];
+    }
+    out
 }
 
 #[cfg(test)]
@@ -641,6 +705,18 @@ mod tests {
         assert_eq!(ToLeader::decode(b"U\x05\x00ab"), None);
         assert_eq!(ToFollower::decode(b"N\x09\x00ab"), None);
         assert_eq!(ToFollower::decode(b"Z"), None);
+    }
+
+    #[test]
+    fn batches_carry_records_in_order() {
+        let a = ToFollower::Notify { channel: "a".into(), payload: "1".into() }.encode();
+        let b = ToFollower::Relistened.encode();
+        let mut batch = vec![BATCH];
+        put_record(&a, &mut batch);
+        put_record(&b, &mut batch);
+        assert_eq!(records(&batch), [&a[..], &b[..]]);
+        assert_eq!(records(&a), [&a[..]]);
+        assert_eq!(records(&batch[..batch.len() - 1]), [&a[..]]);
     }
 
     #[test]
