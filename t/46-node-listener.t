@@ -26,7 +26,7 @@ use PgPush::PG;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(18);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(19);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -206,6 +206,21 @@ my @alive = grep { $_->{pid} != $leader } @subs;
 is(scalar keys %listeners, 1, 'the new listener LISTENs for the node, alone');
 $pg->notify("ch$_", "after") for 0 .. 5;
 is(all_get(\@alive, 'after'), scalar @alive, 'plain channels are delivered again');
+
+# the listener's connection is killed (every side connection is) while 300 stored
+# messages are published: it tells the others, which catch up
+my @st2 = grep { $_->{pid} != $new } map { subscribe('st2') } 1 .. 12;
+$pid = publisher('st2', 300);
+sleep(0.4);
+$pg->terminate_sessions();
+waitpid($pid, 0);
+$bad = '';
+for my $s (@st2) {
+	my $buf = read_for($s->{sock}, 8, qr/^300:/m);
+	my @o = ($buf =~ /^(\d+):k\d+$/mg);
+	$bad ||= "pid $s->{pid}: " . scalar(@o) . " messages" unless join(',', @o) eq join(',', 1 .. 300);
+}
+is($bad, '', 'side connections killed: the other workers still get all 300, in order, once');
 
 # a killed follower: the others, and new subscribers, go on
 my ($victim) = grep { $_ != $new } map { $_->{pid} } @alive;
