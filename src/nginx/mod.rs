@@ -192,9 +192,14 @@ extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     if check_workers(cycle).is_err() {
         return Status::NGX_ERROR.into();
     }
+    // a failure here would end the master on a reload: each worker then listens alone
     if let Err(msg) = node::prepare(cycle, HttpPgPushModule::main_conf(cycle)) {
-        ngx::ngx_log_error!(NGX_LOG_EMERG, cycle.log, "pgpush: {}", msg);
-        return Status::NGX_ERROR.into();
+        ngx::ngx_log_error!(
+            nginx_sys::NGX_LOG_WARN,
+            cycle.log,
+            "pgpush: {}; every worker listens for itself",
+            msg
+        );
     }
     Status::NGX_OK.into()
 }

@@ -42,19 +42,16 @@ pub fn prepare(cycle: &ngx_cycle_t, mcf: Option<&MainConf>) -> Result<(), String
     let ccf = unsafe {
         &*(*cycle.conf_ctx.add(nginx_sys::ngx_core_module.index)).cast::<ngx_core_conf_t>()
     };
-    // SAFETY: a global nginx sets before init_module
-    if unsafe { nginx_sys::ngx_test_config } != 0 || ccf.master == 0 {
-        return Ok(());
-    }
     let workers = usize::try_from(ccf.worker_processes).unwrap_or(0);
-    if workers < 2 {
-        return Ok(());
-    }
     if workers > MAX_WORKERS {
         return Err(format!(
             "\"push_stream_postgres_node_listener on\" serves at most {MAX_WORKERS} workers, \
              not {workers}"
         ));
+    }
+    // SAFETY: a global nginx sets before init_module
+    if unsafe { nginx_sys::ngx_test_config } != 0 || ccf.master == 0 || workers < 2 {
+        return Ok(());
     }
     pairs.push((-1, -1));
     for _ in 1..workers {

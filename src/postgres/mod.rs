@@ -285,7 +285,7 @@ impl Wanted {
                 bridge.push(Event::History { id, result: Err(DOWN.into()) });
             }
         }
-        node.reply(replies);
+        node.reply_while_down(replies);
         false
     }
 
@@ -488,9 +488,9 @@ async fn run(
         if node.listens() {
             bridge.push(Event::Connected { relistened: ever_connected });
         }
-        if ever_connected {
-            node.tell_followers(&node::ToFollower::Relistened);
-        }
+        // every follower catches up: what it was acknowledged while this connection was
+        // down (or before a new leader listened) is LISTENed only now
+        node.tell_followers(&node::ToFollower::Relistened);
         let _ = open.send(());
         if !wanted.unacked.is_empty() {
             bridge.push(Event::Listening(std::mem::take(&mut wanted.unacked)));
@@ -647,29 +647,37 @@ impl Session<'_> {
                 Command::Stop => stop = true,
             }
         }
-        if let (Some((_, stmts)), false) = (self.store, fresh.is_empty()) {
-            // where the new channels stand just before they are listened: every message
-            // notified from then on comes after it, and after a reconnect the worker
-            // catches up from there
-            match stmts.positions(self.client, &fresh).await {
-                Ok(p) if !p.is_empty() => self.bridge.push(Event::Positions(p)),
-                Ok(_) => {}
-                Err(e) if e.is_closed() => return Err(chain(&e)),
-                Err(e) => self.bridge.log(
-                    Level::Error,
-                    format!("store: reading channel positions failed: {}", store_error(&e)),
-                ),
+        let listened_now = async {
+            if !sql.is_empty() {
+                if let Err(e) = self.client.batch_execute(&sql).await {
+                    return Err(format!("LISTEN/UNLISTEN failed: {}", chain(&e)));
+                }
             }
-        }
-        if !sql.is_empty() {
-            if let Err(e) = self.client.batch_execute(&sql).await {
-                return Err(format!("LISTEN/UNLISTEN failed: {}", chain(&e)));
+            if let (Some((_, stmts)), false) = (self.store, fresh.is_empty()) {
+                // where the new channels stand once listened: every message notified from
+                // then on comes after it (one committed in between is notified too, and
+                // seen as delivered), and after a reconnect the worker catches up from
+                // there. A follower reads it before its leader LISTENs: what falls in
+                // between is read from the store when the next notification skips it.
+                match stmts.positions(self.client, &fresh).await {
+                    Ok(p) if !p.is_empty() => self.bridge.push(Event::Positions(p)),
+                    Ok(_) => {}
+                    Err(e) if e.is_closed() => return Err(chain(&e)),
+                    Err(e) => self.bridge.log(
+                        Level::Error,
+                        format!("store: reading channel positions failed: {}", store_error(&e)),
+                    ),
+                }
             }
+            Ok(())
         }
+        .await;
+        // answered even when the connection failed: LISTENed again on reconnect
         if !listened.is_empty() {
             self.bridge.push(Event::Listening(listened));
         }
         node.reply(replies);
+        listened_now?;
         self.publish_batch(publishes).await?;
         for (id, channels) in histories {
             self.history(id, channels).await?;

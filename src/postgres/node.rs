@@ -15,7 +15,7 @@
 //!
 //! The datagrams are tiny tagged records: this module encodes and decodes them.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,11 +29,13 @@ use super::{Bridge, Command, Event, Level};
 #[derive(Debug, PartialEq, Eq)]
 pub enum ToLeader {
     /// The follower's whole set of channels, replacing what the leader knew of it: sent
-    /// when the follower starts and when a new leader asks. Answered with
-    /// [`ToFollower::Relistened`] once they are all LISTENed.
+    /// when the follower starts and when a new leader asks, in parts of a bounded size
+    /// (`last` on the final one). Each part is acknowledged; the last is answered with
+    /// [`ToFollower::Relistened`] once every channel is LISTENed.
     Sync {
         nonce: u64,
         names: Vec<String>,
+        last: bool,
     },
     /// LISTEN these too; answered with [`ToFollower::Ack`].
     Listen {
@@ -94,8 +96,12 @@ impl ToLeader {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         match self {
-            ToLeader::Sync { nonce, names } | ToLeader::Listen { nonce, names } => {
-                out.push(if matches!(self, ToLeader::Sync { .. }) { b'S' } else { b'L' });
+            ToLeader::Sync { nonce, names, .. } | ToLeader::Listen { nonce, names } => {
+                out.push(match self {
+                    ToLeader::Sync { last: true, .. } => b'S',
+                    ToLeader::Sync { .. } => b'P',
+                    _ => b'L',
+                });
                 out.extend_from_slice(&nonce.to_le_bytes());
                 put_names(names, &mut out);
             }
@@ -110,13 +116,13 @@ impl ToLeader {
     pub fn decode(b: &[u8]) -> Option<Self> {
         let (&tag, rest) = b.split_first()?;
         Some(match tag {
-            b'S' | b'L' => {
+            b'S' | b'P' | b'L' => {
                 let (nonce, rest) = get_nonce(rest)?;
                 let names = get_names(rest)?;
-                if tag == b'S' {
-                    ToLeader::Sync { nonce, names }
-                } else {
+                if tag == b'L' {
                     ToLeader::Listen { nonce, names }
+                } else {
+                    ToLeader::Sync { nonce, names, last: tag == b'S' }
                 }
             }
             b'U' => ToLeader::Unlisten { names: get_names(rest)? },
@@ -174,6 +180,8 @@ pub fn notify(channel: &str, payload: &str, out: &mut Vec<u8>) {
 #[derive(Default, Debug)]
 pub struct Routes {
     masks: HashMap<String, u64>,
+    /// Followers resyncing: nothing is routed to them until they are told to catch up.
+    muted: u64,
 }
 
 impl Routes {
@@ -250,8 +258,11 @@ type Outbox = mpsc::UnboundedSender<Vec<u8>>;
 impl Router {
     /// True when the worker's own subscribers want it.
     pub fn route(&self, channel: &str, payload: &str) -> bool {
-        let mask = self.routes.lock().mask(channel);
-        let others = mask & !self.me;
+        // queued under the lock, so that a follower's catch-up signal (queued under it
+        // too) is never overtaken
+        let routes = self.routes.lock();
+        let mask = routes.mask(channel);
+        let others = mask & !self.me & !routes.muted;
         if others != 0 {
             let mut d = Vec::with_capacity(channel.len() + payload.len() + 3);
             notify(channel, payload, &mut d);
@@ -268,8 +279,17 @@ impl Router {
 /// The worker's part in the node: what its side connection does with LISTENs.
 pub enum Node {
     Alone,
-    Leader { me: usize, router: Router, nonces: Vec<u64> },
-    Follower { nonce: u64, outbox: Outbox },
+    Leader {
+        me: usize,
+        router: Router,
+        nonces: Vec<u64>,
+        /// Per follower in the middle of a Sync: its former channels not named yet.
+        syncing: Vec<Option<HashSet<String>>>,
+    },
+    Follower {
+        nonce: u64,
+        outbox: Outbox,
+    },
 }
 
 /// What a batch of commands asks of the node, once its statements have run.
@@ -300,15 +320,17 @@ impl Node {
                     let sock = Arc::new(sock);
                     tokio::spawn(read_requests(w, sock.clone(), commands.clone(), bridge.clone()));
                     let (tx, rx) = mpsc::unbounded_channel();
-                    tokio::spawn(send_all(sock, rx, bridge.clone(), Some(ToFollower::Relistened)));
+                    // a follower that missed datagrams is made to resync
+                    tokio::spawn(send_all(sock, rx, bridge.clone(), Some(ToFollower::Hello)));
                     // a leader that starts asks every follower for its channels
                     let _ = tx.send(ToFollower::Hello.encode());
                     outbox.push(Some(tx));
                 }
                 let nonces = vec![0; outbox.len()];
+                let syncing = vec![None; outbox.len()];
                 let router =
                     Router { me: 1 << me, routes: Arc::default(), outbox: Arc::new(outbox) };
-                Node::Leader { me, router, nonces }
+                Node::Leader { me, router, nonces, syncing }
             }
             Peers::Follower { leader } => {
                 let Some(sock) = tokio_socket(leader, &bridge) else {
@@ -321,7 +343,7 @@ impl Node {
                 tokio::spawn(send_all(sock, rx, bridge, None));
                 // a follower that starts has no channel yet: whatever a former process in
                 // its place had is dropped
-                let _ = tx.send(ToLeader::Sync { nonce, names: Vec::new() }.encode());
+                let _ = tx.send(ToLeader::Sync { nonce, names: Vec::new(), last: true }.encode());
                 Node::Follower { nonce, outbox: tx }
             }
         }
@@ -393,12 +415,12 @@ impl Node {
         unlisten: &mut Vec<String>,
         replies: &mut Replies,
     ) {
-        let Node::Leader { router, nonces, .. } = self else { return };
-        let Some(known) = nonces.get_mut(w) else { return };
+        let Node::Leader { router, nonces, syncing, .. } = self else { return };
+        let (Some(known), Some(sync)) = (nonces.get_mut(w), syncing.get_mut(w)) else { return };
         let mut routes = router.routes.lock();
-        let (nonce, names, sync) = match msg {
-            ToLeader::Sync { nonce, names } => (nonce, names, true),
-            ToLeader::Listen { nonce, names } => (nonce, names, false),
+        let (nonce, names, last) = match msg {
+            ToLeader::Sync { nonce, names, last } => (nonce, names, Some(last)),
+            ToLeader::Listen { nonce, names } => (nonce, names, None),
             ToLeader::Unlisten { names } => {
                 for n in names {
                     if routes.remove(&n, w) && channels.remove(&n) {
@@ -408,35 +430,45 @@ impl Node {
                 return;
             }
         };
-        // a new process in the follower's place starts from nothing
-        let mut gone: std::collections::HashSet<String> = if sync || *known != nonce {
-            routes.clear(w).into_iter().collect()
-        } else {
-            Default::default()
-        };
+        // a Sync, or a new process in the follower's place, starts from nothing: the
+        // channels it had stay LISTENed until it is known that it no longer wants them
+        if (last.is_some() && sync.is_none()) || *known != nonce {
+            *sync = Some(routes.clear(w).into_iter().collect());
+            if last.is_some() {
+                routes.muted |= 1 << w;
+            }
+        }
         *known = nonce;
         for n in &names {
-            if routes.add(n, w) && !gone.remove(n) && channels.insert(n.clone()) {
+            let kept = sync.as_mut().is_some_and(|gone| gone.remove(n));
+            if routes.add(n, w) && !kept && channels.insert(n.clone()) {
                 listen.push(n.clone());
             }
         }
-        for n in gone {
-            if channels.remove(&n) {
-                unlisten.push(n);
+        if last != Some(false) {
+            for n in sync.take().unwrap_or_default() {
+                if routes.mask(&n) == 0 && channels.remove(&n) {
+                    unlisten.push(n);
+                }
             }
         }
-        if sync {
-            replies.synced.push(w);
-        } else {
+        if !names.is_empty() {
             replies.acks.push((w, nonce, names));
+        }
+        if last == Some(true) {
+            replies.synced.push(w);
         }
     }
 
     /// A new leader asked (follower only): the whole set goes to it.
     pub fn resync(&self, channels: &BTreeSet<String>, replies: &mut Replies) {
         if let Node::Follower { nonce, .. } = self {
-            let names = channels.iter().cloned().collect();
-            replies.to_leader.push(ToLeader::Sync { nonce: *nonce, names });
+            let mut parts = chunks(channels.iter().cloned());
+            let last_part = parts.pop().unwrap_or_default();
+            for names in parts {
+                replies.to_leader.push(ToLeader::Sync { nonce: *nonce, names, last: false });
+            }
+            replies.to_leader.push(ToLeader::Sync { nonce: *nonce, names: last_part, last: true });
         }
     }
 
@@ -446,9 +478,13 @@ impl Node {
             Node::Alone => {}
             Node::Leader { router, .. } => {
                 for (w, nonce, names) in replies.acks {
-                    router.send(w, &ToFollower::Ack { nonce, names });
+                    for names in chunks(names.into_iter()) {
+                        router.send(w, &ToFollower::Ack { nonce, names });
+                    }
                 }
                 for w in replies.synced {
+                    let mut routes = router.routes.lock();
+                    routes.muted &= !(1 << w);
                     router.send(w, &ToFollower::Relistened);
                 }
             }
@@ -460,13 +496,25 @@ impl Node {
         }
     }
 
-    /// The leader's connection is up again (every channel LISTENed), or down.
+    /// The leader's connection is up (every channel LISTENed: followers catch up), or
+    /// down.
     pub fn tell_followers(&self, msg: &ToFollower) {
         if let Node::Leader { router, .. } = self {
+            let mut routes = router.routes.lock();
+            if *msg == ToFollower::Relistened {
+                routes.muted = 0;
+            }
             for w in 0..router.outbox.len() {
                 router.send(w, msg);
             }
         }
+    }
+
+    /// While the leader's connection is down: acknowledgements go at once (LISTENed on
+    /// reconnect), catch-up signals wait for the reconnect, which tells every follower.
+    pub fn reply_while_down(&self, mut replies: Replies) {
+        replies.synced.clear();
+        self.reply(replies);
     }
 }
 
@@ -478,11 +526,32 @@ impl Router {
     }
 }
 
+/// The most bytes of names in one record, so that every record fits a datagram.
+const PART: usize = 8 * 1024;
+
+fn size(names: &[String]) -> usize {
+    names.iter().map(|n| n.len() + 2).sum()
+}
+
+/// Names in parts of at most [`PART`] bytes (at least one part, maybe empty).
+fn chunks(names: impl Iterator<Item = String>) -> Vec<Vec<String>> {
+    let mut parts = vec![Vec::new()];
+    for n in names {
+        match parts.last_mut().filter(|p| size(p) < PART) {
+            Some(p) => p.push(n),
+            None => parts.push(vec![n]),
+        }
+    }
+    parts
+}
+
 /// Appends `ch` to the last message if it is a LISTEN (or UNLISTEN) too.
 fn push_names(out: &mut Vec<ToLeader>, nonce: u64, ch: &str, unlisten: bool) {
     match (out.last_mut(), unlisten) {
         (Some(ToLeader::Listen { names, .. }), false)
-        | (Some(ToLeader::Unlisten { names }), true) => {
+        | (Some(ToLeader::Unlisten { names }), true)
+            if size(names) < PART =>
+        {
             names.push(ch.to_string());
         }
         (_, false) => out.push(ToLeader::Listen { nonce, names: vec![ch.to_string()] }),
@@ -501,8 +570,11 @@ fn tokio_socket(s: UnixDatagram, bridge: &Bridge) -> Option<tokio::net::UnixData
     }
 }
 
-/// The largest datagram: a notification (8000 bytes) and its channel, with room to spare.
+/// What a read takes: a datagram as long is cut short (and said so). A record is at
+/// most a notification (8000 bytes and its channel) or [`PART`] bytes of names.
 const DATAGRAM: usize = 64 * 1024;
+/// The longest batch sent.
+const BATCH_MAX: usize = 60 * 1024;
 /// How long a send may wait for a worker that does not read; past it, it is stalled.
 const STALL: Duration = Duration::from_secs(2);
 
@@ -517,17 +589,32 @@ async fn send_all(
 ) {
     let resume = resume.map(|m| m.encode());
     let mut stalled = false;
-    while let Some(first) = rx.recv().await {
-        // what queued up meanwhile leaves in the same datagram
+    let mut carry: Option<Vec<u8>> = None;
+    loop {
+        let first = match carry.take() {
+            Some(d) => d,
+            None => match rx.recv().await {
+                Some(d) => d,
+                None => return,
+            },
+        };
+        // what queued up meanwhile leaves in the same datagram, up to its limit
         let d = match rx.try_recv() {
             Err(_) => first,
+            Ok(second) if 1 + 8 + first.len() + second.len() > BATCH_MAX => {
+                carry = Some(second);
+                first
+            }
             Ok(second) => {
                 let mut batch = vec![BATCH];
                 for r in [first, second] {
                     put_record(&r, &mut batch);
                 }
-                while batch.len() < DATAGRAM / 2 {
-                    let Ok(r) = rx.try_recv() else { break };
+                while let Ok(r) = rx.try_recv() {
+                    if batch.len() + 4 + r.len() > BATCH_MAX {
+                        carry = Some(r);
+                        break;
+                    }
                     put_record(&r, &mut batch);
                 }
                 batch
@@ -572,9 +659,13 @@ async fn read_requests(
     commands: mpsc::WeakUnboundedSender<Command>,
     bridge: Arc<Bridge>,
 ) {
-    let mut buf = vec![0u8; DATAGRAM];
+    let mut buf = vec![0u8; DATAGRAM + 1];
     loop {
         let n = match sock.recv(&mut buf).await {
+            Ok(n) if n > DATAGRAM => {
+                bridge.log(Level::Error, "node listener: a datagram too long, dropped".into());
+                continue;
+            }
             Ok(n) => n,
             Err(e) => {
                 bridge.log(Level::Error, format!("node listener: recv() failed: {e}"));
@@ -601,9 +692,13 @@ async fn read_leader(
     commands: mpsc::WeakUnboundedSender<Command>,
     bridge: Arc<Bridge>,
 ) {
-    let mut buf = vec![0u8; DATAGRAM];
+    let mut buf = vec![0u8; DATAGRAM + 1];
     loop {
         let n = match sock.recv(&mut buf).await {
+            Ok(n) if n > DATAGRAM => {
+                bridge.log(Level::Error, "node listener: a datagram too long, dropped".into());
+                continue;
+            }
             Ok(n) => n,
             Err(e) => {
                 bridge.log(Level::Error, format!("node listener: recv() failed: {e}"));
@@ -680,7 +775,8 @@ mod tests {
     fn messages_round_trip() {
         let names = vec!["news".to_string(), String::new(), "é\n".to_string()];
         for m in [
-            ToLeader::Sync { nonce: 7, names: names.clone() },
+            ToLeader::Sync { nonce: 7, names: names.clone(), last: true },
+            ToLeader::Sync { nonce: 7, names: vec![], last: false },
             ToLeader::Listen { nonce: u64::MAX, names: vec![] },
             ToLeader::Unlisten { names: names.clone() },
         ] {
@@ -717,6 +813,48 @@ mod tests {
         assert_eq!(records(&batch), [&a[..], &b[..]]);
         assert_eq!(records(&a), [&a[..]]);
         assert_eq!(records(&batch[..batch.len() - 1]), [&a[..]]);
+    }
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_follower_sync_replaces_its_channels() {
+        let router = Router { me: 1, routes: Arc::default(), outbox: Arc::new(vec![None, None]) };
+        let mut node = Node::Leader {
+            me: 0,
+            router: router.clone(),
+            nonces: vec![0; 2],
+            syncing: vec![None; 2],
+        };
+        let mut ch = BTreeSet::new();
+        let mut step = |msg| {
+            let (mut l, mut u, mut r) = (Vec::new(), Vec::new(), Replies::default());
+            node.peer(1, msg, &mut ch, &mut l, &mut u, &mut r);
+            u.sort();
+            (l, u, r.acks.len(), r.synced)
+        };
+        let listen = |nonce, v: &[&str]| ToLeader::Listen { nonce, names: names(v) };
+        let sync = |v: &[&str], last| ToLeader::Sync { nonce: 5, names: names(v), last };
+        assert_eq!(step(listen(5, &["a", "b"])), (names(&["a", "b"]), vec![], 1, vec![]));
+        // a Sync in two parts keeps b, adds c and drops a, then tells the follower
+        assert_eq!(step(sync(&["b"], false)), (vec![], vec![], 1, vec![]));
+        assert_eq!(router.routes.lock().muted, 0b10);
+        assert_eq!(step(sync(&["c"], true)), (names(&["c"]), names(&["a"]), 1, vec![1]));
+        // a new process in the follower's place starts from nothing
+        assert_eq!(step(listen(6, &["d"])), (names(&["d"]), names(&["b", "c"]), 1, vec![]));
+        assert_eq!(ch.into_iter().collect::<Vec<_>>(), names(&["d"]));
+    }
+
+    #[test]
+    fn names_go_in_bounded_parts() {
+        let many: Vec<String> = (0..2000).map(|i| format!("channel-{i:05}")).collect();
+        let parts = chunks(many.clone().into_iter());
+        assert!(parts.len() > 1);
+        assert!(parts.iter().all(|p| size(p) <= PART + 16));
+        assert_eq!(parts.concat(), many);
+        assert_eq!(chunks(std::iter::empty()), vec![Vec::<String>::new()]);
     }
 
     #[test]
