@@ -26,7 +26,7 @@ use PgPush::PG;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(19);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(20);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -179,6 +179,21 @@ for my $s (@burst) {
 }
 is($burst_ok, 90, 'and each gets its channel\'s message');
 close $_->{sock} for @burst;
+
+# resuming subscribers join a stored channel while another session publishes to it: on
+# every worker, consecutive offsets up to the last, none twice
+my $rpid = publisher('race', 200);
+sleep(0.3);
+my @race = map { subscribe('race.b5') } 1 .. 9;
+waitpid($rpid, 0);
+my $race_bad = '';
+for my $s (@race) {
+	my @ids = (read_for($s->{sock}, 5, qr/^200:/m) =~ /^(\d+):k\d+$/mg);
+	my $gaps = grep { $ids[$_] != $ids[$_ - 1] + 1 } 1 .. $#ids;
+	$race_bad ||= "pid $s->{pid}: @ids" if $gaps || !@ids || $ids[-1] != 200;
+}
+is($race_bad, '', 'subscribers resuming mid-stream on every worker: no gap, no repeat');
+close $_->{sock} for @race;
 
 # the listening worker is killed while a stored channel gets 400 messages: the other
 # workers' subscribers get every one, in order, once

@@ -99,12 +99,14 @@ pub struct Subscription {
     dirty: bool,
     /// The subscriber's hooks, when its location has some.
     hooks: Option<Box<Hooks>>,
-    /// Where it resumes from the store, until its history is delivered.
+    /// Where it resumes from the store, until its history is delivered (and what the
+    /// history held, until live messages pass it).
     resume: Option<Box<Resume>>,
 }
 
 /// A subscriber's resume from the store: where each channel starts, and the live messages
 /// that arrive while its history is read.
+#[derive(Default)]
 pub struct Resume {
     /// Per channel, in the subscription's order; `None` is live only.
     since: Vec<Option<Since>>,
@@ -113,6 +115,10 @@ pub struct Resume {
     /// Live messages held meanwhile: channel, offset (-1 when not stored), time and tag,
     /// encoded.
     held: Vec<HeldMessage>,
+    /// Once the history is delivered: per channel, the newest offset it held. The store
+    /// can be ahead of the notifications still on their way, so a live message up to it
+    /// is a repeat; the entry goes with the first newer one.
+    floor: Vec<(Rc<str>, i64)>,
 }
 
 /// A live message held for a resuming subscriber: its channel, offset (-1 when not
@@ -122,10 +128,7 @@ type HeldMessage = (Rc<str>, i64, (i64, u64), Rc<[u8]>);
 impl Resume {
     /// Where the channels start, if any of them resumes.
     pub fn new(since: Vec<Option<Since>>) -> Option<Box<Self>> {
-        since
-            .iter()
-            .any(Option::is_some)
-            .then(|| Box::new(Self { since, reading: None, held: Vec::new() }))
+        since.iter().any(Option::is_some).then(|| Box::new(Self { since, ..Self::default() }))
     }
 }
 
@@ -616,7 +619,30 @@ fn history_read(key: SubKey, result: Result<Vec<Vec<store::Stored>>, String>) {
     }
     // live: nothing was flushed since ready()
     release(key, resume.held, &newest);
+    if !newest.is_empty() {
+        // SAFETY: live: nothing was flushed since ready()
+        let sub = unsafe { key.get() }.subscription();
+        let floor = newest.into_iter().collect();
+        sub.resume = Some(Box::new(Resume { floor, ..Resume::default() }));
+    }
     settle();
+}
+
+/// Whether the stored message being fanned out is one the subscriber's history held.
+fn repeats_history(sub: &mut Subscription, channel: &str, prefix_len: usize) -> bool {
+    let Some(r) = sub.resume.as_mut() else { return false };
+    let offset = CURRENT_OFFSET.with(core::cell::Cell::get);
+    let Some(k) = r.floor.iter().position(|(c, _)| id_of(c, prefix_len) == channel) else {
+        return false;
+    };
+    if offset >= 0 && offset <= r.floor[k].1 {
+        return true;
+    }
+    r.floor.swap_remove(k);
+    if r.floor.is_empty() && r.reading.is_none() && r.held.is_empty() && r.since.is_empty() {
+        sub.resume = None;
+    }
+    false
 }
 
 /// Queues a subscriber for the next flush.
@@ -1055,10 +1081,11 @@ pub fn fan_out(keys: &[SubKey], message: &Values<'_>) {
         {
             continue;
         }
+        if sub.waiting == 0 && repeats_history(sub, message.channel, prefix_len) {
+            continue;
+        }
         if sub.waiting > 0 {
-            let resume = sub.resume.get_or_insert_with(|| {
-                Box::new(Resume { since: Vec::new(), reading: None, held: Vec::new() })
-            });
+            let resume = sub.resume.get_or_insert_with(|| Box::new(Resume::default()));
             let channel = sub
                 .channels
                 .iter()

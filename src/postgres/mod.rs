@@ -47,6 +47,8 @@ pub enum Command {
     Peer(usize, node::ToLeader),
     /// The node's leader (re)started: a follower sends it every channel it wants.
     Resync,
+    /// The leader LISTENs these channels of a follower: its positions are read now.
+    Acked(Vec<String>),
 }
 
 /// One message to publish.
@@ -277,6 +279,7 @@ impl Wanted {
                 node.peer(w, msg, &mut self.channels, &mut listen, &mut unlisten, &mut replies);
             }
             Some(Command::Resync) => node.resync(&self.channels, &mut replies),
+            Some(Command::Acked(names)) => bridge.push(Event::Listening(names)),
             Some(Command::Publish(publish)) => {
                 let deadline = Instant::now() + self.publish_timeout;
                 self.held.push(Held { publish, deadline });
@@ -624,10 +627,15 @@ impl Session<'_> {
                     if node.listen(&ch, &mut wanted.channels, &mut replies) {
                         sql.push_str(&listen_sql("LISTEN", [&ch].into_iter()));
                     }
-                    fresh.push(ch.clone());
+                    // a follower's are listened once its leader says so
                     if node.listens() {
+                        fresh.push(ch.clone());
                         listened.push(ch);
                     }
+                }
+                Command::Acked(names) => {
+                    fresh.extend(names.iter().cloned());
+                    listened.extend(names);
                 }
                 Command::Unlisten(ch) => {
                     if node.unlisten(&ch, &mut wanted.channels, &mut replies) {
@@ -654,11 +662,10 @@ impl Session<'_> {
                 }
             }
             if let (Some((_, stmts)), false) = (self.store, fresh.is_empty()) {
-                // where the new channels stand once listened: every message notified from
-                // then on comes after it (one committed in between is notified too, and
-                // seen as delivered), and after a reconnect the worker catches up from
-                // there. A follower reads it before its leader LISTENs: what falls in
-                // between is read from the store when the next notification skips it.
+                // where the new channels stand once listened (a follower's: once its
+                // leader has): every message notified from then on comes after it (one
+                // committed in between is notified too, and seen as delivered), and after
+                // a reconnect the worker catches up from there
                 match stmts.positions(self.client, &fresh).await {
                     Ok(p) if !p.is_empty() => self.bridge.push(Event::Positions(p)),
                     Ok(_) => {}

@@ -726,8 +726,10 @@ fn follow(
                 bridge.push(Event::Notification { channel, payload })
             }
             // acknowledgements for a former process in this worker's place are not ours
+            // through the command loop, which reads where the channels stand first
             Some(ToFollower::Ack { nonce: n, names }) if n == nonce => {
-                bridge.push(Event::Listening(names))
+                let Some(tx) = commands.upgrade() else { return false };
+                let _ = tx.send(Command::Acked(names));
             }
             Some(ToFollower::Ack { .. }) => {}
             Some(ToFollower::Relistened) => bridge.push(Event::Connected { relistened: true }),
