@@ -11,9 +11,7 @@
 use warnings;
 use strict;
 
-use DBI;
 use Encode qw/ decode_utf8 /;
-use POSIX ();
 use Test::More;
 use Time::HiRes qw/ sleep /;
 
@@ -21,7 +19,7 @@ BEGIN { use FindBin; chdir($FindBin::Bin); }
 
 BEGIN { push @INC, "$FindBin::Bin/lib"; }
 use Test::Nginx;
-use PgPush qw/ publish wait_log /;
+use PgPush qw/ flood publish wait_log /;
 use PgPush::PG;
 use PgPush::WS;
 
@@ -332,14 +330,7 @@ is($s->payload, 'new workers', 'the new workers relay');
 
 # subscribers that join a channel already listened while it is busy: a message that
 # arrives before a subscriber's 101 is sent follows it
-my $flood = fork();
-if (!$flood) {
-	my $dbh = DBI->connect('dbi:Pg:host=127.0.0.1;port=' . $pg->port . ';dbname=postgres',
-		'postgres', '', { RaiseError => 1, PrintError => 0 });
-	my $end = time() + 8;
-	$dbh->do("SELECT pg_notify('busy', 'b')") while time() < $end;
-	POSIX::_exit(0);
-}
+my $flood = flood($pg, 'busy', 'b', 8);
 my @keep = map { PgPush::WS->connect('/ws?id=busy') } 1 .. 4;
 my ($joined, $bad) = (0, '');
 for (1 .. 400) {

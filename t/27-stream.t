@@ -12,9 +12,7 @@ use warnings;
 use strict;
 
 use Compress::Raw::Zlib;
-use DBI;
 use IO::Select;
-use POSIX ();
 use IO::Socket::INET;
 use Test::More;
 use Time::HiRes qw/ sleep time /;
@@ -23,7 +21,7 @@ BEGIN { use FindBin; chdir($FindBin::Bin); }
 
 BEGIN { push @INC, "$FindBin::Bin/lib"; }
 use Test::Nginx;
-use PgPush qw/ publish /;
+use PgPush qw/ flood publish /;
 use PgPush::PG;
 
 ###############################################################################
@@ -328,14 +326,7 @@ like(http_get('/stif/nested'), qr/^HTTP\/1\.1 204/, 'a nested location keeps its
 
 # subscribers that join a channel already listened while it is busy: a message that
 # arrives before a subscriber's head is sent goes out after its head and header template
-my $flood = fork();
-if (!$flood) {
-	my $dbh = DBI->connect('dbi:Pg:host=127.0.0.1;port=' . $pg->port . ';dbname=postgres',
-		'postgres', '', { RaiseError => 1, PrintError => 0 });
-	my $end = time() + 8;
-	$dbh->do("SELECT pg_notify('busy', 'b')") while time() < $end;
-	POSIX::_exit(0);
-}
+my $flood = flood($pg, 'busy', 'b', 8);
 my @keep = map { open_stream('/st?id=busy') } 1 .. 4;
 my ($joined, $bad) = (0, '');
 for (1 .. 150) {

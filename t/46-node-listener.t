@@ -19,6 +19,7 @@ BEGIN { use FindBin; chdir($FindBin::Bin); }
 
 BEGIN { push @INC, "$FindBin::Bin/lib"; }
 use Test::Nginx;
+use PgPush qw/ read_for /;
 use PgPush::PG;
 
 ###############################################################################
@@ -87,18 +88,6 @@ sub subscribe {
 	return { sock => $s, pid => $pid // 0, ch => $ch };
 }
 
-sub read_for {
-	my ($s, $secs, $until) = @_;
-	my $buf = '';
-	my $end = time + $secs;
-	while (time < $end) {
-		last if $until && $buf =~ $until;
-		last unless IO::Select->new($s)->can_read($end - time);
-		my $n = $s->sysread($buf, 65536, length $buf);
-		last unless $n;
-	}
-	return $buf;
-}
 
 # the worker whose side thread is pgpush-pg-0: the node's listener
 sub leader {

@@ -22,7 +22,7 @@ BEGIN { use FindBin; chdir($FindBin::Bin); }
 
 BEGIN { push @INC, "$FindBin::Bin/lib"; }
 use Test::Nginx;
-use PgPush qw/ publish /;
+use PgPush qw/ publish read_for /;
 use PgPush::PG;
 use PgPush::WS;
 
@@ -143,17 +143,6 @@ sub start_get {
 	return $s;
 }
 
-sub read_for {
-	my ($s, $secs) = @_;
-	my $buf = '';
-	my $end = time + $secs;
-	while (time < $end) {
-		last unless IO::Select->new($s)->can_read($end - time);
-		my $n = $s->sysread($buf, 65536, length $buf);
-		last unless $n;
-	}
-	return $buf;
-}
 
 ###############################################################################
 

@@ -21,6 +21,7 @@ BEGIN { use FindBin; chdir($FindBin::Bin); }
 
 BEGIN { push @INC, "$FindBin::Bin/lib"; }
 use Test::Nginx;
+use PgPush qw/ read_for /;
 use PgPush::PG;
 use PgPush::WS;
 
@@ -106,18 +107,6 @@ sub start_get {
 	return $s;
 }
 
-sub read_for {
-	my ($s, $secs, $until) = @_;
-	my $buf = '';
-	my $end = time + $secs;
-	while (time < $end) {
-		last if $until && $buf =~ $until;
-		last unless IO::Select->new($s)->can_read($end - time);
-		my $n = $s->sysread($buf, 65536, length $buf);
-		last unless $n;
-	}
-	return $buf;
-}
 
 # offsets received by a streaming subscriber: (count, gaps or repeats, gap messages)
 sub check {

@@ -652,12 +652,12 @@ async fn send_all(
     }
 }
 
-/// The leader reads a follower's requests into its command loop.
-async fn read_requests(
-    w: usize,
+/// Reads datagrams and hands `on_record` each record, until it returns false or the
+/// socket fails.
+async fn read_records(
     sock: Arc<tokio::net::UnixDatagram>,
-    commands: mpsc::WeakUnboundedSender<Command>,
-    bridge: Arc<Bridge>,
+    bridge: &Bridge,
+    mut on_record: impl FnMut(&[u8]) -> bool,
 ) {
     let mut buf = vec![0u8; DATAGRAM + 1];
     loop {
@@ -672,17 +672,27 @@ async fn read_requests(
                 return;
             }
         };
-        for record in records(&buf[..n]) {
-            let Some(msg) = ToLeader::decode(record) else {
-                bridge.log(Level::Error, "node listener: a request that does not parse".into());
-                continue;
-            };
-            let Some(tx) = commands.upgrade() else { return };
-            if tx.send(Command::Peer(w, msg)).is_err() {
-                return;
-            }
+        if !records(&buf[..n]).into_iter().all(&mut on_record) {
+            return;
         }
     }
+}
+
+/// The leader reads a follower's requests into its command loop.
+async fn read_requests(
+    w: usize,
+    sock: Arc<tokio::net::UnixDatagram>,
+    commands: mpsc::WeakUnboundedSender<Command>,
+    bridge: Arc<Bridge>,
+) {
+    read_records(sock, &bridge, |record| {
+        let Some(msg) = ToLeader::decode(record) else {
+            bridge.log(Level::Error, "node listener: a request that does not parse".into());
+            return true;
+        };
+        commands.upgrade().is_some_and(|tx| tx.send(Command::Peer(w, msg)).is_ok())
+    })
+    .await;
 }
 
 /// A follower reads what its leader sends.
@@ -692,25 +702,7 @@ async fn read_leader(
     commands: mpsc::WeakUnboundedSender<Command>,
     bridge: Arc<Bridge>,
 ) {
-    let mut buf = vec![0u8; DATAGRAM + 1];
-    loop {
-        let n = match sock.recv(&mut buf).await {
-            Ok(n) if n > DATAGRAM => {
-                bridge.log(Level::Error, "node listener: a datagram too long, dropped".into());
-                continue;
-            }
-            Ok(n) => n,
-            Err(e) => {
-                bridge.log(Level::Error, format!("node listener: recv() failed: {e}"));
-                return;
-            }
-        };
-        for record in records(&buf[..n]) {
-            if !follow(record, nonce, &commands, &bridge) {
-                return;
-            }
-        }
-    }
+    read_records(sock, &bridge, |record| follow(record, nonce, &commands, &bridge)).await;
 }
 
 /// Acts on one record from the leader; false when the worker is stopping.

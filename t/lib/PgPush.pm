@@ -6,11 +6,14 @@ use warnings;
 use strict;
 
 use base qw/ Exporter /;
-our @EXPORT_OK = qw/ config_test repo_root module_globals publish wait_log /;
+our @EXPORT_OK = qw/ config_test repo_root module_globals publish wait_log read_for flood /;
 
 use FindBin;
 use Test::Nginx qw//;
 use Time::HiRes qw//;
+use IO::Select;
+use POSIX qw//;
+use DBI;
 
 sub repo_root {
 	my $dir = __FILE__;
@@ -57,6 +60,35 @@ sub wait_log {
 		Time::HiRes::sleep(0.1);
 	}
 	return 0;
+}
+
+# Reads a socket for up to $secs seconds, or until what was read matches $until (or the
+# peer closes); gives what was read.
+sub read_for {
+	my ($s, $secs, $until) = @_;
+	my $buf = '';
+	my $end = Time::HiRes::time() + $secs;
+	while (Time::HiRes::time() < $end) {
+		last if $until && $buf =~ $until;
+		last unless IO::Select->new($s)->can_read($end - Time::HiRes::time());
+		my $n = $s->sysread($buf, 65536, length $buf);
+		last unless $n;
+	}
+	return $buf;
+}
+
+# A child that NOTIFYs $channel with $payload in a loop for $secs seconds, from its own
+# session; gives its pid (kill it and waitpid when done).
+sub flood {
+	my ($pg, $channel, $payload, $secs) = @_;
+	my $pid = fork();
+	die "fork: $!\n" unless defined $pid;
+	return $pid if $pid;
+	my $dbh = DBI->connect('dbi:Pg:host=127.0.0.1;port=' . $pg->port . ';dbname=postgres',
+		'postgres', '', { RaiseError => 1, PrintError => 0 });
+	my $end = Time::HiRes::time() + $secs;
+	$dbh->do('SELECT pg_notify(?, ?)', undef, $channel, $payload) while Time::HiRes::time() < $end;
+	POSIX::_exit(0);
 }
 
 1;
