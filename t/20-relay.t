@@ -13,7 +13,9 @@ use strict;
 
 use Encode qw/ decode_utf8 /;
 use Test::More;
-use Time::HiRes qw/ sleep /;
+use IO::Select;
+use IO::Socket::INET;
+use Time::HiRes qw/ sleep time /;
 
 BEGIN { use FindBin; chdir($FindBin::Bin); }
 
@@ -28,7 +30,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(68);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(70);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -259,6 +261,41 @@ is(scalar(grep { ($_->payload // '') eq 'after terminate' } @subs), 16,
 	'delivered to every subscriber after pg_terminate_backend');
 unlike($t->read_file('error.log'), qr/\[(alert|crit|emerg)\]|signal \d+/, 'no worker crashed');
 undef @subs;
+
+###############################################################################
+
+# backends terminated while batches of publishes are in flight: every publish is answered
+# (200 once committed, 503 when its connection went away or past the publish timeout),
+# none is left waiting. Identical bodies each take a statement of their own (PostgreSQL
+# folds identical notifications of one transaction), so a batch is many round trips.
+
+my ($answered, $sent) = (0, 0);
+for my $round (1 .. 6) {
+	my @socks;
+	for (1 .. 24) {
+		my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1:' . port(8080)) or next;
+		print $s "POST /pub?id=dup HTTP/1.0\r\nHost: localhost\r\n"
+			. "Content-Length: 4\r\n\r\nsame";
+		push @socks, $s;
+	}
+	$sent += @socks;
+	sleep(0.002 * $round);
+	$pg->terminate_sessions();
+	my $sel = IO::Select->new(@socks);
+	my %got;
+	my $deadline = time() + 8;
+	while ($sel->count && time() < $deadline) {
+		for my $s ($sel->can_read(0.2)) {
+			my $n = sysread($s, my $buf, 4096);
+			$got{$s} .= $buf if $n;
+			next if $n;
+			$sel->remove($s);
+			$answered++ if ($got{$s} // '') =~ m{^HTTP/1\.1 (200|503) };
+		}
+	}
+}
+ok($pg->wait_sessions(2), 'both workers reconnected after the rounds');
+is($answered, $sent, 'every publish answered with 200 or 503 across terminated backends');
 
 ###############################################################################
 

@@ -280,16 +280,19 @@ impl Wanted {
             }
             Some(Command::Resync) => node.resync(&self.channels, &mut replies),
             Some(Command::Acked(names)) => bridge.push(Event::Listening(names)),
-            Some(Command::Publish(publish)) => {
-                let deadline = Instant::now() + self.publish_timeout;
-                self.held.push(Held { publish, deadline });
-            }
+            Some(Command::Publish(publish)) => self.hold(publish),
             Some(Command::History { id, .. }) => {
                 bridge.push(Event::History { id, result: Err(DOWN.into()) });
             }
         }
         node.reply_while_down(replies);
         false
+    }
+
+    /// Keeps a publish for the next connection, until its deadline.
+    fn hold(&mut self, publish: Publish) {
+        let deadline = Instant::now() + self.publish_timeout;
+        self.held.push(Held { publish, deadline });
     }
 
     /// A connection attempt failed: LISTENs that waited for it are answered (they are
@@ -509,7 +512,10 @@ async fn run(
             bridge: &bridge,
         };
         let outcome = match session.publish_batch(held).await {
-            Err(why) => Outcome::Lost(why),
+            Err(lost) => {
+                lost.unsent.into_iter().for_each(|p| wanted.hold(p));
+                Outcome::Lost(lost.why)
+            }
             Ok(()) => session.serve(&mut driver, &mut rx, &mut wanted, &mut node).await,
         };
         driver.abort();
@@ -533,6 +539,12 @@ async fn run(
             }
         }
     }
+}
+
+/// A connection lost in the middle of a batch of publishes: those it did not send yet.
+struct Lost {
+    why: String,
+    unsent: Vec<Publish>,
 }
 
 /// A live connection.
@@ -684,10 +696,29 @@ impl Session<'_> {
             self.bridge.push(Event::Listening(listened));
         }
         node.reply(replies);
-        listened_now?;
-        self.publish_batch(publishes).await?;
-        for (id, channels) in histories {
-            self.history(id, channels).await?;
+        // whatever the lost connection did not send waits for the next one, and a
+        // subscriber whose history was not read is told; nothing stays unanswered
+        let fail_histories = |rest: std::vec::IntoIter<_>| {
+            for (id, _) in rest {
+                self.bridge.push(Event::History { id, result: Err(DOWN.into()) });
+            }
+        };
+        if let Err(why) = listened_now {
+            publishes.into_iter().for_each(|p| wanted.hold(p));
+            fail_histories(histories.into_iter());
+            return Err(why);
+        }
+        if let Err(lost) = self.publish_batch(publishes).await {
+            lost.unsent.into_iter().for_each(|p| wanted.hold(p));
+            fail_histories(histories.into_iter());
+            return Err(lost.why);
+        }
+        let mut histories = histories.into_iter();
+        while let Some((id, channels)) = histories.next() {
+            if let Err(why) = self.history(id, channels).await {
+                fail_histories(histories);
+                return Err(why);
+            }
         }
         Ok(stop)
     }
@@ -724,16 +755,20 @@ impl Session<'_> {
     /// notification, so a repeated pair starts a new statement (stored messages are unique
     /// already: each carries its row id). Errors of a statement are reported to its
     /// publishers; a lost connection is returned.
-    async fn publish_batch(&self, mut publishes: Vec<Publish>) -> Result<(), String> {
+    async fn publish_batch(&self, mut publishes: Vec<Publish>) -> Result<(), Lost> {
         // an admin DELETE of a stored channel forgets its history first
-        for p in publishes.iter_mut() {
+        for k in 0..publishes.len() {
+            let p = &mut publishes[k];
             if !p.stored || crate::protocol::payload::deleted_text(&p.payload).is_none() {
                 continue;
             }
             if let Some((_, stmts)) = self.store {
                 match stmts.reset(self.client, &p.channel).await {
                     Ok(()) => {}
-                    Err(e) if e.is_closed() => return Err(chain(&e)),
+                    // none was sent: all go again (a reset again too)
+                    Err(e) if e.is_closed() => {
+                        return Err(Lost { why: chain(&e), unsent: publishes });
+                    }
                     Err(e) => self.bridge.log(
                         Level::Error,
                         format!("store: resetting \"{}\" failed: {}", p.channel, store_error(&e)),
@@ -745,17 +780,22 @@ impl Session<'_> {
         }
         let (stored, plain): (Vec<Publish>, Vec<Publish>) =
             publishes.into_iter().partition(|p| p.stored && self.store.is_some());
-        for group in split_unique(plain) {
+        let mut groups = split_unique(plain).into_iter();
+        while let Some(group) = groups.next() {
             let (ids, (channels, payloads)): (Vec<u64>, (Vec<String>, Vec<String>)) =
                 group.into_iter().map(|p| (p.id, (p.channel, p.payload))).unzip();
             let outcome = self.client.execute(self.publish, &[&channels, &payloads]).await;
-            self.published(ids, outcome.map(|_| Vec::new()))?;
+            if let Err(why) = self.published(ids, outcome.map(|_| Vec::new())) {
+                let unsent = groups.flatten().chain(stored).collect();
+                return Err(Lost { why, unsent });
+            }
         }
         if let (Some((cfg, stmts)), false) = (self.store, stored.is_empty()) {
             let each: Vec<(&str, &str)> =
                 stored.iter().map(|p| (p.channel.as_str(), p.payload.as_str())).collect();
             let outcome = stmts.publish(self.client, cfg, &each).await;
-            self.published(stored.iter().map(|p| p.id).collect(), outcome)?;
+            let ids = stored.iter().map(|p| p.id).collect();
+            self.published(ids, outcome).map_err(|why| Lost { why, unsent: Vec::new() })?;
         }
         Ok(())
     }
