@@ -30,7 +30,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(25);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(32);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -244,5 +244,31 @@ for (1 .. 40) {
 	sleep(0.25);
 }
 is($left, 0, 'and the cleaner deleted it');
+
+###############################################################################
+
+# a subscriber that resumes while PostgreSQL is down: its history is read once the
+# database is back within push_stream_postgres_publish_timeout (5s), and past it the
+# subscriber is told of the gap; it is never left with nothing
+
+post('outage', "o$_") for 1 .. 3;
+$pg->halt();
+my $early = start_get('/sub?id=outage.b3');
+sleep(1);
+$pg->restart();
+$r = read_for($early, 8, qr/^3:o3\n/m);
+like($r, qr/^1:o1\n2:o2\n3:o3\n/m, 'resumed during an outage: the history once the database is back');
+unlike($r, qr/^-4:/m, 'and no gap message');
+ok($pg->wait_sessions(2), 'reconnected');
+
+$pg->halt();
+my $late = start_get('/sub?id=outage.b3');
+$r = read_for($late, 9, qr/^-4:/m);
+like($r, qr/^-4:\n/m, 'past the timeout, the resuming subscriber is told of the gap');
+unlike($r, qr/^\d+:o/m, 'with no message');
+$pg->restart();
+ok($pg->wait_sessions(2), 'reconnected again');
+post('outage', 'o4');
+like(read_for($late, 5, qr/^4:o4\n/m), qr/^4:o4\n/m, 'and live messages follow');
 
 ###############################################################################

@@ -586,13 +586,13 @@ fn history_read(key: SubKey, result: Result<Vec<Vec<store::Stored>>, String>) {
     let Some(resume) = sub.resume.take() else { return };
     sub.waiting = 0;
     let lists = match result {
-        Ok(lists) => lists,
+        Ok(lists) => Some(lists),
         Err(why) => {
             worker::with(|w| {
                 let msg = format!("no history for a resuming subscriber: {why}");
                 worker::log(w.log, crate::postgres::Level::Error, &msg)
             });
-            Vec::new()
+            None
         }
     };
     if !survives(key, |t| t.ready()) {
@@ -606,6 +606,15 @@ fn history_read(key: SubKey, result: Result<Vec<Vec<store::Stored>>, String>) {
         .filter(|(_, s)| s.is_some())
         .map(|((c, _), _)| c.clone())
         .collect();
+    let Some(lists) = lists else {
+        // what it missed cannot be read: it is told, never left with a silent gap
+        for channel in &asked {
+            gap_channel(channel, &[key]);
+        }
+        release(key, resume.held, &HashMap::new());
+        settle();
+        return;
+    };
     let mut newest: HashMap<Rc<str>, i64> = HashMap::new();
     for (channel, list) in asked.iter().zip(lists) {
         let id = id_of(channel, prefix_len);

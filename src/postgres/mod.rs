@@ -237,6 +237,8 @@ struct Wanted {
     unacked: Vec<String>,
     /// Publishes waiting for a connection, oldest first, each until its deadline.
     held: Vec<Held>,
+    /// Subscribers' histories waiting for a connection, the same way.
+    histories: Vec<(History, Instant)>,
     /// How long a publish waits for a connection.
     publish_timeout: Duration,
 }
@@ -245,6 +247,9 @@ struct Held {
     publish: Publish,
     deadline: Instant,
 }
+
+/// A subscriber's history to read: its id, and where each channel resumes.
+type History = (u64, Vec<(String, store::Since)>);
 
 impl Wanted {
     /// Applies a command while there is no connection; true on Stop. While `attempting`,
@@ -281,9 +286,7 @@ impl Wanted {
             Some(Command::Resync) => node.resync(&self.channels, &mut replies),
             Some(Command::Acked(names)) => bridge.push(Event::Listening(names)),
             Some(Command::Publish(publish)) => self.hold(publish),
-            Some(Command::History { id, .. }) => {
-                bridge.push(Event::History { id, result: Err(DOWN.into()) });
-            }
+            Some(Command::History { id, channels }) => self.hold_history((id, channels)),
         }
         node.reply_while_down(replies);
         false
@@ -295,6 +298,12 @@ impl Wanted {
         self.held.push(Held { publish, deadline });
     }
 
+    /// Keeps a history to read on the next connection, until its deadline (as a publish).
+    fn hold_history(&mut self, h: History) {
+        let deadline = Instant::now() + self.publish_timeout;
+        self.histories.push((h, deadline));
+    }
+
     /// A connection attempt failed: LISTENs that waited for it are answered (they are
     /// made on reconnect). Publishes keep waiting until their deadline.
     fn fail_attempt(&mut self, bridge: &Bridge) {
@@ -303,9 +312,10 @@ impl Wanted {
         }
     }
 
-    /// When the oldest held publish gives up.
+    /// When the oldest held publish or history gives up.
     fn next_deadline(&self) -> Option<Instant> {
-        self.held.first().map(|h| h.deadline)
+        let h = self.histories.first().map(|h| h.1);
+        self.held.first().map(|h| h.deadline).into_iter().chain(h).min()
     }
 
     /// Fails the publishes that waited past their deadline.
@@ -317,11 +327,16 @@ impl Wanted {
             let ids = self.held.drain(..n).map(|h| h.publish.id).collect();
             bridge.push(Event::Published { ids, error: Some(DOWN.into()), stored: Vec::new() });
         }
+        let n = self.histories.iter().take_while(|h| h.1 <= now).count();
+        for ((id, _), _) in self.histories.drain(..n) {
+            bridge.push(Event::History { id, result: Err(DOWN.into()) });
+        }
     }
 
-    /// The held publishes, to be sent on a fresh connection.
-    fn take_held(&mut self) -> Vec<Publish> {
-        self.held.drain(..).map(|h| h.publish).collect()
+    /// The held publishes and histories, for a fresh connection.
+    fn take_held(&mut self) -> (Vec<Publish>, Vec<History>) {
+        let publishes = self.held.drain(..).map(|h| h.publish).collect();
+        (publishes, self.histories.drain(..).map(|h| h.0).collect())
     }
 }
 
@@ -504,18 +519,15 @@ async fn run(
         ever_connected = true;
         backoff.reset();
 
-        let held = wanted.take_held();
+        let (held, histories) = wanted.take_held();
         let session = Session {
             client: &client,
             publish: &publish,
             store: store.as_ref().zip(stored.as_ref()),
             bridge: &bridge,
         };
-        let outcome = match session.publish_batch(held).await {
-            Err(lost) => {
-                lost.unsent.into_iter().for_each(|p| wanted.hold(p));
-                Outcome::Lost(lost.why)
-            }
+        let outcome = match session.finish(held, histories, &mut wanted).await {
+            Err(why) => Outcome::Lost(why),
             Ok(()) => session.serve(&mut driver, &mut rx, &mut wanted, &mut node).await,
         };
         driver.abort();
@@ -696,49 +708,57 @@ impl Session<'_> {
             self.bridge.push(Event::Listening(listened));
         }
         node.reply(replies);
-        // whatever the lost connection did not send waits for the next one, and a
-        // subscriber whose history was not read is told; nothing stays unanswered
-        let fail_histories = |rest: std::vec::IntoIter<_>| {
-            for (id, _) in rest {
-                self.bridge.push(Event::History { id, result: Err(DOWN.into()) });
-            }
-        };
         if let Err(why) = listened_now {
             publishes.into_iter().for_each(|p| wanted.hold(p));
-            fail_histories(histories.into_iter());
+            histories.into_iter().for_each(|h| wanted.hold_history(h));
             return Err(why);
         }
-        if let Err(lost) = self.publish_batch(publishes).await {
-            lost.unsent.into_iter().for_each(|p| wanted.hold(p));
-            fail_histories(histories.into_iter());
-            return Err(lost.why);
-        }
-        let mut histories = histories.into_iter();
-        while let Some((id, channels)) = histories.next() {
-            if let Err(why) = self.history(id, channels).await {
-                fail_histories(histories);
-                return Err(why);
-            }
-        }
+        self.finish(publishes, histories, wanted).await?;
         Ok(stop)
     }
 
-    /// A subscriber's history; only a lost connection is an error.
-    async fn history(&self, id: u64, channels: Vec<(String, store::Since)>) -> Result<(), String> {
+    /// Publishes, then reads histories. What a lost connection did not send or read waits
+    /// for the next one: nothing stays unanswered.
+    async fn finish(
+        &self,
+        publishes: Vec<Publish>,
+        histories: Vec<History>,
+        wanted: &mut Wanted,
+    ) -> Result<(), String> {
+        if let Err(lost) = self.publish_batch(publishes).await {
+            lost.unsent.into_iter().for_each(|p| wanted.hold(p));
+            histories.into_iter().for_each(|h| wanted.hold_history(h));
+            return Err(lost.why);
+        }
+        let mut histories = histories.into_iter();
+        while let Some(h) = histories.next() {
+            if let Err(why) = self.history(&h).await {
+                wanted.hold_history(h);
+                histories.for_each(|h| wanted.hold_history(h));
+                return Err(why);
+            }
+        }
+        Ok(())
+    }
+
+    /// A subscriber's history; only a lost connection is an error (the history is then
+    /// not answered: the caller keeps it for the next connection).
+    async fn history(&self, (id, channels): &History) -> Result<(), String> {
+        let id = *id;
         let Some((cfg, stmts)) = self.store else {
             self.bridge.push(Event::History { id, result: Ok(Vec::new()) });
             return Ok(());
         };
         let mut lists = Vec::with_capacity(channels.len());
-        for (channel, since) in &channels {
+        for (channel, since) in channels {
             match stmts.history(self.client, cfg, channel, since).await {
                 Ok(list) => lists.push(list),
+                Err(e) if e.is_closed() => {
+                    return Err(format!("reading history failed: {}", store_error(&e)));
+                }
                 Err(e) => {
                     let why = store_error(&e);
-                    self.bridge.push(Event::History { id, result: Err(why.clone()) });
-                    if e.is_closed() {
-                        return Err(format!("reading history failed: {why}"));
-                    }
+                    self.bridge.push(Event::History { id, result: Err(why) });
                     return Ok(());
                 }
             }
