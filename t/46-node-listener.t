@@ -27,7 +27,7 @@ use PgPush::PG;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(20);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(22);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -64,6 +64,8 @@ http {
             push_stream_channels_path \$arg_id;
             push_stream_message_template "~id~:~text~\\n";
             push_stream_subscriber_connection_ttl 60s;
+            # a catch-up comes at once
+            push_stream_subscriber_output_limit 2m;
             add_header X-Worker \$pid;
         }
     }
@@ -115,14 +117,14 @@ sub wait_leader {
 
 # publishes stored messages k1..k$n from another session
 sub publisher {
-	my ($ch, $n) = @_;
+	my ($ch, $n, $pause, $pad) = @_;
 	my $pid = fork();
 	return $pid if $pid;
 	my $dbh = DBI->connect('dbi:Pg:host=127.0.0.1;port=' . $pg->port . ';dbname=postgres',
 		'postgres', '', { RaiseError => 1, PrintError => 0 });
 	for my $i (1 .. $n) {
-		$dbh->do("SELECT pgpush.publish(?, ?)", undef, $ch, "k$i");
-		sleep(0.004);
+		$dbh->do("SELECT pgpush.publish(?, ?)", undef, $ch, "k$i" . ($pad // ''));
+		sleep($pause // 0.004);
 	}
 	POSIX::_exit(0);
 }
@@ -225,6 +227,24 @@ for my $s (@st2) {
 	$bad ||= "pid $s->{pid}: " . scalar(@o) . " messages" unless join(',', @o) eq join(',', 1 .. 300);
 }
 is($bad, '', 'side connections killed: the other workers still get all 300, in order, once');
+
+# a follower stops reading (SIGSTOP) while its stored channel gets 100 messages of 6 KB,
+# one datagram each, more than its socket holds: the listener stalls on it after 2s and
+# drops what follows; once it reads again it is made to catch up, with no further message
+# sent to it
+my @stall;
+for (1 .. 30) {
+	my $s = subscribe('stall');
+	push @stall, $s if $s->{pid} && $s->{pid} != $new;
+	last if @stall;
+}
+ok(@stall, 'a subscriber of a follower');
+kill 'STOP', $stall[0]{pid};
+$pid = publisher('stall', 100, 0.04, 'x' x 6000);
+waitpid($pid, 0);
+kill 'CONT', $stall[0]{pid};
+my @so = (read_for($stall[0]{sock}, 8, qr/^100:k100x+\n/m) =~ /^(\d+):k\d+x+$/mg);
+is(join(',', @so), join(',', 1 .. 100), 'a follower that stalled catches up: all 100, in order, once');
 
 # a killed follower: the others, and new subscribers, go on
 my ($victim) = grep { $_ != $new } map { $_->{pid} } @alive;

@@ -580,7 +580,8 @@ const STALL: Duration = Duration::from_secs(2);
 
 /// Sends datagrams in order. A peer that reads nothing for [`STALL`] (a crashed worker
 /// not yet replaced) is stalled: what is sent to it meanwhile is dropped without waiting,
-/// and `resume` (a follower's catch-up signal) goes first once it reads again.
+/// and `resume` (a follower's catch-up signal) goes first once it reads again: it is
+/// offered with the next datagram, and every second meanwhile.
 async fn send_all(
     sock: Arc<tokio::net::UnixDatagram>,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
@@ -589,10 +590,26 @@ async fn send_all(
 ) {
     let resume = resume.map(|m| m.encode());
     let mut stalled = false;
+    // a stalled peer reads again once it takes the catch-up signal
+    let back = |stalled: &mut bool| {
+        if resume.as_ref().map_or(Ok(0), |r| sock.try_send(r)).is_ok() {
+            *stalled = false;
+            bridge.log(Level::Notice, "node listener: a worker reads its socket again".into());
+        }
+    };
     let mut carry: Option<Vec<u8>> = None;
     loop {
         let first = match carry.take() {
             Some(d) => d,
+            // the signal is offered every second, even when nothing more is sent
+            None if stalled => match tokio::time::timeout(STALL / 2, rx.recv()).await {
+                Ok(Some(d)) => d,
+                Ok(None) => return,
+                Err(_) => {
+                    back(&mut stalled);
+                    continue;
+                }
+            },
             None => match rx.recv().await {
                 Some(d) => d,
                 None => return,
@@ -621,12 +638,10 @@ async fn send_all(
             }
         };
         if stalled {
-            let back = resume.as_ref().map_or(Ok(0), |r| sock.try_send(r));
-            if back.is_err() {
+            back(&mut stalled);
+            if stalled {
                 continue;
             }
-            stalled = false;
-            bridge.log(Level::Notice, "node listener: a worker reads its socket again".into());
         }
         match tokio::time::timeout(STALL, sock.send(&d)).await {
             Ok(Ok(_)) => {}
