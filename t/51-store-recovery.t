@@ -30,7 +30,7 @@ use PgPush::WS;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http/)->plan(32);
+my $t = Test::Nginx->new()->has(qw/http/)->plan(35);
 
 my $pg = PgPush::PG->start();
 my $conninfo = $pg->conninfo;
@@ -251,7 +251,11 @@ is($left, 0, 'and the cleaner deleted it');
 # database is back within push_stream_postgres_publish_timeout (5s), and past it the
 # subscriber is told of the gap; it is never left with nothing
 
-post('outage', "o$_") for 1 .. 3;
+# (outage2 has had no subscriber: no worker has its messages in the recent-message cache,
+# which would answer without the database)
+for my $ch (qw/ outage outage2 /) {
+	post($ch, "o$_") for 1 .. 3;
+}
 $pg->halt();
 my $early = start_get('/sub?id=outage.b3');
 sleep(1);
@@ -262,13 +266,31 @@ unlike($r, qr/^-4:/m, 'and no gap message');
 ok($pg->wait_sessions(2), 'reconnected');
 
 $pg->halt();
-my $late = start_get('/sub?id=outage.b3');
+my $late = start_get('/sub?id=outage2.b3');
 $r = read_for($late, 9, qr/^-4:/m);
 like($r, qr/^-4:\n/m, 'past the timeout, the resuming subscriber is told of the gap');
 unlike($r, qr/^\d+:o/m, 'with no message');
 $pg->restart();
 ok($pg->wait_sessions(2), 'reconnected again');
-post('outage', 'o4');
+post('outage2', 'o4');
 like(read_for($late, 5, qr/^4:o4\n/m), qr/^4:o4\n/m, 'and live messages follow');
+
+# a resume of 1,000 messages of 400 bytes (400 KB, more than
+# push_stream_subscriber_output_limit's 256 KiB): the history is written as the client
+# reads it, and a subscriber that keeps up is not taken for a slow one
+
+$pg->do(q{SELECT pgpush.publish('bulk', 'm' || i || repeat('y', 400)) FROM generate_series(1, 1000) i});
+my $bulk = start_get('/sub?id=bulk.b1000');
+my @bo = (read_for($bulk, 10, qr/^1000:m1000y+\n/m) =~ /^(\d+):m\d+y+$/mg);
+is(join(',', @bo), join(',', 1 .. 1000), 'a 400 KB history reaches a streaming subscriber, whole and in order');
+my $bws = PgPush::WS->connect('/ws?id=bulk.b1000');
+my $wn = 0;
+while (defined(my $p = $bws->payload(5))) {
+	last unless $p =~ /^m(\d+)y+$/ && $1 == $wn + 1;
+	$wn++;
+	last if $wn == 1000;
+}
+is($wn, 1000, 'and a WebSocket subscriber');
+unlike($t->read_file('error.log'), qr/too slow/, 'neither is closed as too slow');
 
 ###############################################################################

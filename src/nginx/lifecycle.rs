@@ -623,7 +623,7 @@ fn history_read(key: SubKey, result: Result<Vec<Vec<store::Stored>>, String>) {
             let time = stored_time(&m);
             CURRENT.with(|cur| cur.set((m.second, m.tag.max(0) as u64)));
             let v = stored_values(&m, id, &time);
-            fan_out(&[key], &v);
+            as_history(true, || fan_out(&[key], &v));
         }
     }
     // live: nothing was flushed since ready()
@@ -635,6 +635,24 @@ fn history_read(key: SubKey, result: Result<Vec<Vec<store::Stored>>, String>) {
         sub.resume = Some(Box::new(Resume { floor, ..Resume::default() }));
     }
     settle();
+}
+
+thread_local! {
+    static HISTORY: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
+}
+
+/// Whether the message being fanned out is part of a history (a resume, or the catch-up
+/// after a reconnect): it comes as a burst the client did not fall behind on, so a
+/// subscriber's output limit leaves it out.
+pub fn from_history() -> bool {
+    HISTORY.with(core::cell::Cell::get)
+}
+
+fn as_history<R>(history: bool, f: impl FnOnce() -> R) -> R {
+    HISTORY.with(|h| h.set(history));
+    let r = f();
+    HISTORY.with(|h| h.set(false));
+    r
 }
 
 /// Whether the stored message being fanned out is one the subscriber's history held.
@@ -841,7 +859,8 @@ fn caught_up(
                 CURRENT.with(|cur| cur.set((m.second, m.tag.max(0) as u64)));
                 CURRENT_OFFSET.with(|o| o.set(m.offset));
                 let v = stored_values(&m, id, &time);
-                fan_out(&keys, &v);
+                // a reconnect's catch-up is a history; a fetched message is live
+                as_history(!fetching, || fan_out(&keys, &v));
             }
         }
         Err(why) => {

@@ -602,10 +602,16 @@ impl Transport for Subscriber {
 
     /// The limit bounds a subscriber's backlog: a message is refused (and the subscriber
     /// closed) when what was already unsent exceeds it, so one message larger than the
-    /// limit still reaches a subscriber that keeps up.
+    /// limit still reaches a subscriber that keeps up. A history is queued whole, and
+    /// what is left of it unsent does not count.
     fn queue(&mut self, frame: Rc<[u8]>, channel: &str) {
-        let behind = self.out.bytes;
+        let before = self.out.bytes;
         self.put(frame);
+        if lifecycle::from_history() {
+            self.out.history += self.out.bytes.saturating_sub(before);
+            return;
+        }
+        let behind = before.saturating_sub(self.out.history);
         if behind > self.lcf.subscriber_output_limit {
             ngx::ngx_log_error!(
                 NGX_LOG_ERR,
@@ -1287,6 +1293,8 @@ struct Output {
     /// Bytes of the front chunk already sent.
     head: usize,
     bytes: usize,
+    /// Of `bytes`, those of a history (counted as sent first).
+    history: usize,
 }
 
 impl Output {
@@ -1301,6 +1309,7 @@ impl Output {
 
     fn consume(&mut self, mut n: usize) {
         self.bytes -= n;
+        self.history = self.history.saturating_sub(n);
         while n > 0 {
             let left = self.chunks[0].len() - self.head;
             if n < left {
@@ -1325,5 +1334,6 @@ impl Output {
         let keep = usize::from(self.head > 0);
         self.chunks.truncate(keep);
         self.bytes = self.chunks.front().map_or(0, |c| c.len() - self.head);
+        self.history = self.history.min(self.bytes);
     }
 }
