@@ -235,17 +235,42 @@ struct Wanted {
     channels: BTreeSet<String>,
     /// LISTENs received during a connection attempt, acknowledged once it is decided.
     unacked: Vec<String>,
-    /// Publishes waiting for a connection, oldest first, each until its deadline.
-    held: Vec<Held>,
-    /// Subscribers' histories waiting for a connection, the same way.
-    histories: Vec<(History, Instant)>,
+    /// Publishes waiting for a connection.
+    held: Waiting<Publish>,
+    /// Subscribers' histories waiting for a connection.
+    histories: Waiting<History>,
     /// How long a publish waits for a connection.
     publish_timeout: Duration,
 }
 
-struct Held {
-    publish: Publish,
-    deadline: Instant,
+/// Work waiting for a connection, oldest first, each until its deadline (deadlines grow
+/// with arrival).
+struct Waiting<T>(Vec<(T, Instant)>);
+
+impl<T> Default for Waiting<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<T> Waiting<T> {
+    fn push(&mut self, item: T, wait: Duration) {
+        self.0.push((item, Instant::now() + wait));
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.0.first().map(|w| w.1)
+    }
+
+    /// What waited past its deadline: a prefix.
+    fn expired(&mut self, now: Instant) -> Vec<T> {
+        let n = self.0.iter().take_while(|w| w.1 <= now).count();
+        self.0.drain(..n).map(|w| w.0).collect()
+    }
+
+    fn take(&mut self) -> Vec<T> {
+        self.0.drain(..).map(|w| w.0).collect()
+    }
 }
 
 /// A subscriber's history to read: its id, and where each channel resumes.
@@ -294,14 +319,12 @@ impl Wanted {
 
     /// Keeps a publish for the next connection, until its deadline.
     fn hold(&mut self, publish: Publish) {
-        let deadline = Instant::now() + self.publish_timeout;
-        self.held.push(Held { publish, deadline });
+        self.held.push(publish, self.publish_timeout);
     }
 
     /// Keeps a history to read on the next connection, until its deadline (as a publish).
     fn hold_history(&mut self, h: History) {
-        let deadline = Instant::now() + self.publish_timeout;
-        self.histories.push((h, deadline));
+        self.histories.push(h, self.publish_timeout);
     }
 
     /// A connection attempt failed: LISTENs that waited for it are answered (they are
@@ -314,29 +337,25 @@ impl Wanted {
 
     /// When the oldest held publish or history gives up.
     fn next_deadline(&self) -> Option<Instant> {
-        let h = self.histories.first().map(|h| h.1);
-        self.held.first().map(|h| h.deadline).into_iter().chain(h).min()
+        let h = self.histories.next_deadline();
+        self.held.next_deadline().into_iter().chain(h).min()
     }
 
-    /// Fails the publishes that waited past their deadline.
+    /// Fails the publishes and histories that waited past their deadline.
     fn expire(&mut self, bridge: &Bridge) {
         let now = Instant::now();
-        // deadlines grow with arrival: the expired ones are a prefix
-        let n = self.held.iter().take_while(|h| h.deadline <= now).count();
-        if n > 0 {
-            let ids = self.held.drain(..n).map(|h| h.publish.id).collect();
+        let ids: Vec<u64> = self.held.expired(now).into_iter().map(|p| p.id).collect();
+        if !ids.is_empty() {
             bridge.push(Event::Published { ids, error: Some(DOWN.into()), stored: Vec::new() });
         }
-        let n = self.histories.iter().take_while(|h| h.1 <= now).count();
-        for ((id, _), _) in self.histories.drain(..n) {
+        for (id, _) in self.histories.expired(now) {
             bridge.push(Event::History { id, result: Err(DOWN.into()) });
         }
     }
 
     /// The held publishes and histories, for a fresh connection.
     fn take_held(&mut self) -> (Vec<Publish>, Vec<History>) {
-        let publishes = self.held.drain(..).map(|h| h.publish).collect();
-        (publishes, self.histories.drain(..).map(|h| h.0).collect())
+        (self.held.take(), self.histories.take())
     }
 }
 
